@@ -1,0 +1,72 @@
+"""The `nextlat` command: `nextlat <command> --flags`; `nextlat <command> --help` lists a command's flags."""
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+USAGE = """nextlat: NextLat (next-latent prediction) transformers in JAX.
+
+usage: nextlat <command> [--flags]
+
+commands:
+  train         train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]
+  bench step    time GPT and NextLat d=1,2,8 train steps on one config; prints ratios
+
+`nextlat <command> --help` shows the command's flags.
+"""
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py, `get_config(arg)`); append ':arg' for a "
+    "preset. Override any value with --config.<key>=<value>.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, tensorboard/, config.json.")
+
+
+def _train(argv: list[str]) -> None:
+  del argv
+  from nextlat_jax.train import trainer
+  if FLAGS.config is None or FLAGS.workdir is None:
+    raise app.UsageError("train needs --config and --workdir")
+  trainer.train(FLAGS.config, FLAGS.workdir)
+
+
+def _bench(argv: list[str]) -> None:
+  if len(argv) < 2 or argv[1] != "step":
+    raise app.UsageError("usage: nextlat bench step --config=...")
+  from nextlat_jax.bench import step as bench_step
+  if FLAGS.config is None:
+    raise app.UsageError("bench step needs --config")
+  bench_step.main(FLAGS.config)
+
+
+COMMANDS = {"train": _train, "bench": _bench}
+
+
+def _run(fn):
+  def wrapped(argv: list[str]) -> None:
+    from nextlat_jax.config import ConfigError
+    logging.set_verbosity(logging.INFO)
+    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    try:
+      fn(argv)
+    except ConfigError as e:  # a user error: one line, no traceback
+      print(str(e), file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def main() -> None:
+  argv = sys.argv
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:
+    print(USAGE, file=sys.stderr if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help") else sys.stdout)
+    sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2)
+  command = argv[1]
+  # absl parses the flags; the command (and a sub-command such as `bench step`) stay positional.
+  app.run(_run(COMMANDS[command]), argv=[f"nextlat {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,111 @@
+"""Shared config defaults and validation: every user error names the key and the value."""
+from __future__ import annotations
+
+import ml_collections
+
+from nextlat_jax import objectives
+from nextlat_jax.models.transformer import DTYPES, REMAT_POLICIES
+from nextlat_jax.parallel.mesh import MESH_AXES, mesh_shape
+from nextlat_jax.parallel.sharding import DEFAULT_RULES
+from nextlat_jax.train.optimizer import SCHEDULES
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the key and the value."""
+
+  def __init__(self, key: str, value: object, why: str):
+    super().__init__(f"config error: {key}={value!r}: {why}")
+    self.key, self.value = key, value
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults every experiment config starts from (values not in the paper are marked)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # not specified by the paper for most tasks
+  c.steps = 1000
+  c.batch_size = 32  # global rows per step
+  c.log_every = 10
+  c.eval_every = 200  # 0 disables held-out evaluation
+  c.eval_steps = 4  # held-out batches per evaluation
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=0,  # 0: take it from the dataset
+      d_model=384, n_layer=6, n_head=6,
+      ffn_width=0,  # 0: 128 * round(8D/3/128) as in the reference
+      rope_base=10000.0, norm_eps=1e-5, init_std=0.02,
+      scan_layers=True, remat="none",  # none | full | dots | dots_no_batch
+      dtype="float32", param_dtype="float32",
+      attention_impl=ml_collections.config_dict.placeholder(str),  # None: XLA's choice; "xla" | "cudnn"
+  ))
+  c.dynamics = ml_collections.ConfigDict(dict(kind="mlp", hidden=768))
+  c.objective = ml_collections.ConfigDict(dict(
+      name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0,
+      eos_mask="transition",  # reference; "chain" masks every step at or after an EOS crossing
+      remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, decay_steps=0,
+      final_lr_fraction=0.0,  # cosine only
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,  # grad_clip 0 disables clipping
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | None = None) -> None:
+  """Raises ConfigError for the first bad value; call before building or compiling anything."""
+  def need(ok: bool, key: str, value: object, why: str) -> None:
+    if not ok:
+      raise ConfigError(key, value, why)
+
+  m, o, opt = c.model, c.objective, c.optimizer
+  for key in ("d_model", "n_layer", "n_head"):
+    need(int(m[key]) >= 1, f"model.{key}", m[key], "must be >= 1")
+  need(m.d_model % m.n_head == 0, "model.d_model", m.d_model,
+       f"must be divisible by model.n_head={m.n_head}")
+  need((m.d_model // m.n_head) % 2 == 0, "model.n_head", m.n_head, "head_dim must be even for RoPE")
+  need(m.vocab_size >= 1, "model.vocab_size", m.vocab_size, "must be >= 1")
+  if data_vocab is not None:
+    need(m.vocab_size >= data_vocab, "model.vocab_size", m.vocab_size,
+         f"smaller than the dataset's vocabulary ({data_vocab})")
+  need(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
+  for key in ("dtype", "param_dtype"):
+    need(m[key] in DTYPES, f"model.{key}", m[key], f"must be one of {tuple(DTYPES)}")
+  need(m.attention_impl in (None, "xla", "cudnn"), "model.attention_impl", m.attention_impl,
+       "must be None, 'xla' or 'cudnn'")
+
+  need(o.name in objectives.names(), "objective.name", o.name,
+       f"unknown objective (known: {', '.join(objectives.names())})")
+  if o.name == "nextlat":
+    need(int(o.horizon) >= 1, "objective.horizon", o.horizon, "must be >= 1 for nextlat")
+    need(o.eos_mask in ("transition", "chain"), "objective.eos_mask", o.eos_mask,
+         "must be 'transition' or 'chain'")
+    need(c.dynamics.kind == "mlp", "dynamics.kind", c.dynamics.kind, "unknown (known: mlp)")
+    need(int(c.dynamics.hidden) >= 1, "dynamics.hidden", c.dynamics.hidden, "must be >= 1")
+    for key in ("lambda_next_h", "lambda_kl"):
+      need(float(o[key]) >= 0, f"objective.{key}", o[key], "must be >= 0")
+
+  need(opt.name == "adamw", "optimizer.name", opt.name, "unknown (known: adamw)")
+  need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {SCHEDULES}")
+  need(float(opt.lr) > 0, "optimizer.lr", opt.lr, "must be > 0")
+  need(int(opt.warmup_steps) >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+  if opt.schedule == "wsd":
+    need(0 <= int(opt.decay_steps) <= int(c.steps) - int(opt.warmup_steps), "optimizer.decay_steps",
+         opt.decay_steps, f"must be in [0, steps - warmup_steps] = [0, {c.steps - opt.warmup_steps}]")
+
+  need(int(c.steps) >= 1, "steps", c.steps, "must be >= 1")
+  need(int(c.log_every) >= 1, "log_every", c.log_every, "must be >= 1")
+  need(int(c.eval_every) >= 0, "eval_every", c.eval_every, "must be >= 0")
+  sizes = {a: c.mesh[a] for a in MESH_AXES}
+  try:
+    shape = mesh_shape(c.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError("mesh", sizes, str(e).split(": ", 1)[-1]) from None
+  need(all(s >= 1 for s in shape), "mesh", sizes, "axis sizes must be >= 1 (or one -1)")
+  need(shape[0] * shape[1] * shape[2] == num_devices, "mesh", sizes,
+       f"product {shape[0] * shape[1] * shape[2]} != device count {num_devices}")
+  dp = shape[0] * shape[1]
+  need(int(c.batch_size) >= 1 and c.batch_size % dp == 0, "batch_size", c.batch_size,
+       f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
+  need(m.n_head % shape[2] == 0, "mesh.tensor", shape[2], f"must divide model.n_head={m.n_head}")

@@ -1,0 +1,39 @@
+"""Training objectives, selected by `config.objective.name`.
+
+An objective is a bundle of pure functions (see `Objective`); the trainer, metrics and decoding know
+objectives only through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  init: Callable[[jax.Array], Params]  # rng -> params, boxed with logical axis names
+  loss: Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+  hidden: Callable[[Params, Batch], jax.Array]  # the state that rank / probe metrics read
+  modules: dict[str, Any]  # the Flax modules behind the params tree, by top-level key
+
+
+def names() -> tuple[str, ...]:
+  return ("gpt", "nextlat")
+
+
+def build(config: Any, mesh: Any = None) -> Objective:
+  """The objective named by config.objective.name, with its modules bound to `mesh`."""
+  name = config.objective.name
+  if name == "gpt":
+    from nextlat_jax.objectives import gpt
+    return gpt.build(config, mesh)
+  if name == "nextlat":
+    from nextlat_jax.objectives import nextlat
+    return nextlat.build(config, mesh)
+  raise ValueError(f"objective.name={name!r}: unknown objective (known: {', '.join(names())})")

@@ -1,0 +1,45 @@
+"""GPT: plain next-token cross-entropy on the trunk (the baseline every method is compared with)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
+from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
+from nextlat_jax.parallel.sharding import logical_rules
+
+
+def trunk_module(config: Any, mesh: Any = None) -> Transformer:
+  return Transformer(ModelConfig.from_config(config.model), mesh=mesh,
+                     rules=logical_rules(config) if mesh is not None else ())
+
+
+def init_trunk(trunk: Transformer, rng: jax.Array) -> Any:
+  x = jnp.zeros((1, 2), jnp.int32)
+  return trunk.init(rng, x, x, x)["params"]
+
+
+def build(config: Any, mesh: Any = None) -> Objective:
+  trunk = trunk_module(config, mesh)
+  dtype = DTYPES[trunk.cfg.dtype]
+
+  def init(rng: jax.Array) -> Any:
+    return {"trunk": init_trunk(trunk, rng)}
+
+  def forward(params: Any, batch: dict) -> jax.Array:
+    h_BxTxD, _ = trunk.apply({"params": params["trunk"]}, batch["tokens"][:, :-1],
+                             batch["segment_ids"][:, :-1], batch["positions"][:, :-1])
+    return h_BxTxD
+
+  def loss(params: Any, batch: dict, rng: jax.Array):
+    del rng
+    h_BxTxD = forward(params, batch)
+    logits_BxTxV = unembed(h_BxTxD, params["trunk"]["head"], dtype)
+    mask_BxT = batch["loss_mask"][:, 1:]
+    ce = masked_mean(token_cross_entropy(logits_BxTxV, batch["tokens"][:, 1:]), mask_BxT)
+    return ce, {"loss": ce, "ce": ce}
+
+  return Objective("gpt", init, loss, forward, {"trunk": trunk})

@@ -1,0 +1,62 @@
+"""Logical axis names -> mesh axes. The rules are data in the config (`config.mesh.rules`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Parameters: FSDP shards the model width, tensor parallelism shards heads, MLP width and vocabulary.
+# Activations: batch over (data, fsdp); heads / MLP width / vocabulary over tensor.
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("dyn_norm", None),
+    ("dyn_in", "fsdp"),
+    ("dyn_hidden_in", "fsdp"),
+    ("dyn_hidden", "tensor"),
+)
+
+
+def logical_rules(config: Any) -> tuple:
+  """config.mesh.rules as a hashable tuple of (logical name, mesh axes) pairs."""
+  rules = config.mesh.get("rules", DEFAULT_RULES)
+  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules: tuple) -> Any:
+  """NamedShardings for a params tree boxed with logical names (from `jax.eval_shape(init)`)."""
+  specs = nn.get_partition_spec(abstract_boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: tuple) -> NamedSharding:
+  """Rows over the batch axes, positions replicated."""
+  spec = nn.logical_to_mesh_axes(("activation_batch", None), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def decay_mask(abstract_boxed_params: Any) -> Any:
+  """True where weight decay applies: parameters of rank >= 2, not counting the scanned layer axis."""
+  def is_matrix(p: Any) -> bool:
+    names = getattr(p, "names", None)
+    if names is None:
+      return p.ndim >= 2
+    return sum(n != "layers" for n in names) >= 2
+  return jax.tree.map(is_matrix, abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))

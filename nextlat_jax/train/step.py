@@ -1,0 +1,100 @@
+"""The train state, the pure train step, and their sharded, jitted forms over a mesh."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from nextlat_jax import objectives
+from nextlat_jax.parallel import sharding
+from nextlat_jax.train.optimizer import make_optimizer
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective: objectives.Objective,
+               tx: optax.GradientTransformation, lr: optax.Schedule) -> tuple[TrainState, dict]:
+  """One optimizer update: (state, batch, rng) -> (state, metrics)."""
+  rng = jax.random.fold_in(rng, state.step)
+  (_, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr(state.step))
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict, rng: jax.Array, *, objective: objectives.Objective) -> dict:
+  _, metrics = objective.loss(params, batch, rng)
+  return metrics
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the trainer (and benchmarks, tests) need to run sharded steps."""
+  mesh: Mesh
+  objective: objectives.Objective
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  state_shardings: TrainState
+  batch_sharding: NamedSharding
+  abstract_state: TrainState
+  init: Any  # jitted rng -> TrainState
+  step: Any  # jitted (state, batch, rng) -> (state, metrics), state donated
+  eval: Any  # jitted (params, batch, rng) -> metrics
+
+  def abstract_batch(self, global_batch: int, row_len: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((global_batch, row_len), jnp.int32, sharding=self.batch_sharding)
+            for k in BATCH_KEYS}
+
+  def abstract_rng(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(self.mesh))
+
+
+def build(config: Any, mesh: Mesh) -> Setup:
+  """Builds the objective, optimizer and shardings, and jits init / step / eval for `mesh`."""
+  rules = sharding.logical_rules(config)
+  objective = objectives.build(config, mesh)
+  boxed = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
+  param_sh = sharding.param_shardings(boxed, mesh, rules)
+  tx, lr = make_optimizer(config.optimizer, int(config.steps), sharding.decay_mask(boxed))
+  abstract_params = nn.unbox(boxed)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  rep = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+
+  def init(rng: jax.Array) -> TrainState:
+    params = nn.unbox(objective.init(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(init, jax.random.PRNGKey(0)), state_sh)
+  step = jax.jit(functools.partial(train_step, objective=objective, tx=tx, lr=lr),
+                 in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                 donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, objective=objective),
+                     in_shardings=(param_sh, batch_sh, rep), out_shardings=rep)
+  return Setup(mesh=mesh, objective=objective, tx=tx, lr=lr, state_shardings=state_sh,
+               batch_sharding=batch_sh, abstract_state=abstract_state,
+               init=jax.jit(init, out_shardings=state_sh), step=step, eval=evaluate)
+
+
+def global_batch(local: dict, batch_sh: NamedSharding) -> dict:
+  """This process's rows -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in BATCH_KEYS}
