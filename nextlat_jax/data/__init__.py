@@ -1,0 +1,1 @@
+"""Data: packing (the batch contract), task generators and the Grain pipeline."""

@@ -1,0 +1,20 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and small shared helpers."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> pathlib.Path:
+  """../shared beside the repo; tests that need it skip cleanly when it is absent."""
+  if not SHARED.is_dir():
+    pytest.skip("../shared is absent")
+  return SHARED
