@@ -5,7 +5,7 @@ stalls the device.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import time
@@ -96,34 +96,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  process_count=jax.process_count())
   train_batches = _batches(pipeline.make_dataset(config.data, split="train", **data_kw), start)
   eval_ds = pipeline.make_dataset(config.data, split="eval", **data_kw) if config.eval_every else None
+  if eval_ds is not None and len(eval_ds) < config.eval_steps:
+    raise config_lib.ConfigError("eval_steps", config.eval_steps,
+                                 f"the eval split has only {len(eval_ds)} batches of {B} rows")
 
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=int(config.steps), initial_step=start)
   writer.write_static(step=start, memory=memory)
-  tokens_per_step = B * (L - 1)
-  pending, last, t_last, s_last = None, {}, time.perf_counter(), start
+  clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start)
+  pending = None
   for s in range(start, int(config.steps)):
     batch = step_lib.global_batch(next(train_batches), setup.batch_sharding)
     state, metrics = compiled(state, batch, rng)
     if pending is not None:  # read step s-1's metrics now that step s is queued
-      last = _log(writer, pending, tokens_per_step, t_last, s_last)
-      t_last, s_last, pending = time.perf_counter(), pending[0] + 1, None
-    if (s + 1) % config.log_every == 0 or s + 1 == config.steps:
-      pending = (s + 1, metrics)
-    if eval_ds is not None and ((s + 1) % config.eval_every == 0 or s + 1 == config.steps):
-      t_eval = time.perf_counter()
-      writer.write(s + 1, evaluate(setup, state.params, eval_ds, int(config.eval_steps), rng))
-      t_last += time.perf_counter() - t_eval  # keep evaluation out of the step time
-    writer.advance(s + 1)
+      clock.log(*pending)
+      pending = None
+    done = s + 1
+    if done % config.log_every == 0 or done == config.steps:
+      pending = (done, metrics)
+    if eval_ds is not None and (done % config.eval_every == 0 or done == config.steps):
+      if pending is not None:
+        clock.log(*pending)
+        pending = None
+      with clock.paused():
+        writer.write(done, evaluate(setup, state.params, eval_ds, int(config.eval_steps), rng))
+    writer.advance(done)
   if pending is not None:
-    last = _log(writer, pending, tokens_per_step, t_last, s_last)
+    clock.log(*pending)
   writer.close()
-  return last
+  return clock.last
 
 
-def _log(writer: MetricsWriter, pending: tuple, tokens_per_step: int, t_last: float, s_last: int) -> dict:
-  step, metrics = pending
-  scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  step_time = (time.perf_counter() - t_last) / max(step - s_last, 1)
-  scalars.update(step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time)
-  writer.write(step, scalars)
-  return dict(scalars, step=step)
+class _StepClock:
+  """Logs step metrics with the wall time per step since the previous log, evaluation excluded."""
+
+  def __init__(self, writer: MetricsWriter, tokens_per_step: int, step: int):
+    self.writer, self.tokens_per_step = writer, tokens_per_step
+    self.t, self.step, self.last = time.perf_counter(), step, {}
+
+  def log(self, step: int, metrics: dict) -> None:
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    step_time = (now - self.t) / max(step - self.step, 1)
+    scalars.update(step_time_s=step_time, tokens_per_sec=self.tokens_per_step / step_time)
+    self.writer.write(step, scalars)
+    self.t, self.step, self.last = now, step, dict(scalars, step=step)
+
+  @contextlib.contextmanager
+  def paused(self):
+    t0 = time.perf_counter()
+    yield
+    self.t += time.perf_counter() - t0
