@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   c.log_every = 10
   c.eval_every = 100
   c.eval_steps = 4
+  c.checkpoint.update(every=100, keep=3)
   c.data = default_data_config()  # 8x8 grid, rows of 129 tokens, context_length 1
   c.model.update(d_model=128, n_layer=4, n_head=4)  # vocab_size 0: from the data (1 + 9 + 64 = 74)
   c.dynamics.hidden = 256

@@ -48,13 +48,22 @@ COMMANDS = {"train": _train, "bench": _bench}
 def _run(fn):
   def wrapped(argv: list[str]) -> None:
     from nextlat_jax.config import ConfigError
-    logging.set_verbosity(logging.INFO)
-    std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+    from nextlat_jax.train.trainer import TrainingStopped
+    logging.set_verbosity(logging.WARNING)  # library chatter (orbax, jax) off; ours on:
+    handler = std_logging.StreamHandler()
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    ours = std_logging.getLogger("nextlat_jax")
+    ours.addHandler(handler)
+    ours.setLevel(std_logging.INFO)
+    ours.propagate = False
     try:
       fn(argv)
     except ConfigError as e:  # a user error: one line, no traceback
       print(str(e), file=sys.stderr)
       sys.exit(2)
+    except TrainingStopped as e:
+      print(f"training stopped: {e}", file=sys.stderr)
+      sys.exit(1)
   return wrapped
 
 

@@ -49,7 +49,14 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,  # grad_clip 0 disables clipping
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3))
+  c.nan_guard = "skip"  # a NaN/inf loss or gradient: "skip" the update (counted) or "stop" the run
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=0,  # save every N steps (and at the end, on SIGTERM); 0: no checkpoints
+      keep=3,  # keep the last K ...
+      keep_period=0,  # ... plus every M-th step for good (0: none)
+      async_save=True,
+      restore_from=ml_collections.config_dict.placeholder(str),  # start from another run's checkpoint
+  ))
   return c
 
 
@@ -95,6 +102,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
          opt.decay_steps, f"must be in [0, steps - warmup_steps] = [0, {c.steps - opt.warmup_steps}]")
 
   need(int(c.steps) >= 1, "steps", c.steps, "must be >= 1")
+  need(c.nan_guard in ("skip", "stop"), "nan_guard", c.nan_guard, "must be 'skip' or 'stop'")
+  for key in ("every", "keep_period"):
+    need(int(c.checkpoint[key]) >= 0, f"checkpoint.{key}", c.checkpoint[key], "must be >= 0")
+  need(int(c.checkpoint.keep) >= 1, "checkpoint.keep", c.checkpoint.keep, "must be >= 1")
   need(int(c.log_every) >= 1, "log_every", c.log_every, "must be >= 1")
   need(int(c.eval_every) >= 0, "eval_every", c.eval_every, "must be >= 0")
   sizes = {a: c.mesh[a] for a in MESH_AXES}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 
 import grain
@@ -124,3 +125,44 @@ def make_dataset(
   ds = grain.MapDataset.source(source)[: num_steps * global_batch_size]
   ds = ds.batch(local_batch, drop_remainder=True)  # global step s = batches s*P .. s*P + P - 1
   return ds[process_index::process_count]
+
+
+class BatchIterator:
+  """Local batches of a step-indexed dataset from a given step, with prefetch.
+
+  Its checkpointable state is the step it will read next, with the layout that produced it
+  (grain's Orbax handler stores it per process). Because batches are a pure function of the step,
+  a run restored on a different number of processes repositions from the train state's step alone.
+  """
+
+  def __init__(self, ds: grain.MapDataset, step: int, layout: dict, read_options: grain.ReadOptions | None = None):
+    self._ds, self._layout = ds, dict(layout)
+    self._read_options = read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    self.seek(step)
+
+  def seek(self, step: int) -> None:
+    """Continue from the local batch of global step `step`."""
+    self.step = int(step)
+    self._it = iter(self._ds[self.step:].to_iter_dataset(self._read_options))
+
+  def __iter__(self) -> 'BatchIterator':
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps({'step': self.step, **self._layout}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state)
+    for key, value in self._layout.items():
+      if saved.get(key) != value:
+        raise ValueError(f'data iterator state was saved with {key}={saved.get(key)!r}, '
+                         f'this run has {key}={value!r}')
+    self.seek(saved['step'])
+
+  def start_prefetch(self) -> None:
+    """Part of grain's checkpoint protocol; prefetch starts on the first `next`."""

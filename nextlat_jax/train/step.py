@@ -24,17 +24,27 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  nonfinite: jax.Array  # number of steps whose update was skipped for a NaN/inf loss or gradient
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective: objectives.Objective,
                tx: optax.GradientTransformation, lr: optax.Schedule) -> tuple[TrainState, dict]:
-  """One optimizer update: (state, batch, rng) -> (state, metrics)."""
+  """One optimizer update: (state, batch, rng) -> (state, metrics).
+
+  A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged (the
+  trainer then skips on or stops, per `config.nan_guard`), so a NaN never reaches the state.
+  """
   rng = jax.random.fold_in(rng, state.step)
-  (_, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
+  (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
+  grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  nonfinite = state.nonfinite + (~finite).astype(jnp.int32)
+  metrics = dict(metrics, grad_norm=grad_norm, lr=lr(state.step), finite=finite, nonfinite_steps=nonfinite)
+  return TrainState(step=state.step + 1, params=keep(params, state.params),
+                    opt_state=keep(opt_state, state.opt_state), nonfinite=nonfinite), metrics
 
 
 def eval_step(params: Any, batch: dict, rng: jax.Array, *, objective: objectives.Objective) -> dict:
@@ -76,12 +86,13 @@ def build(config: Any, mesh: Mesh) -> Setup:
   rep = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: rep)
-  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite=rep)
   batch_sh = sharding.batch_sharding(mesh, rules)
 
   def init(rng: jax.Array) -> TrainState:
     params = nn.unbox(objective.init(rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      nonfinite=jnp.zeros((), jnp.int32))
 
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init, jax.random.PRNGKey(0)), state_sh)

@@ -6,22 +6,27 @@ stalls the device.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import grain
 import jax
 import ml_collections
-import numpy as np
-from absl import logging
+from jax.experimental import multihost_utils
 
 from nextlat_jax import config as config_lib
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
+from nextlat_jax.train import checkpoint
 from nextlat_jax.train import step as step_lib
 from nextlat_jax.train.metrics_writer import MetricsWriter
+
+log = logging.getLogger(__name__)
 
 
 def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, pipeline.DatasetInfo]:
@@ -53,12 +58,8 @@ def log_memory(compiled: Any) -> dict:
   out = {"argument_mib": mib(stats.argument_size_in_bytes), "output_mib": mib(stats.output_size_in_bytes),
          "temp_mib": mib(stats.temp_size_in_bytes), "alias_mib": mib(stats.alias_size_in_bytes)}
   out["total_mib"] = round(out["argument_mib"] + out["output_mib"] + out["temp_mib"] - out["alias_mib"], 2)
-  logging.info("per-device memory of the train step: %s", out)
+  log.info("per-device memory of the train step: %s", out)
   return out
-
-
-def _batches(ds: grain.MapDataset, start: int) -> Iterator[dict]:
-  return iter(ds[start:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
 
 def evaluate(setup: step_lib.Setup, params: Any, eval_ds: grain.MapDataset, steps: int, rng: jax.Array) -> dict:
@@ -72,8 +73,50 @@ def evaluate(setup: step_lib.Setup, params: Any, eval_ds: grain.MapDataset, step
   return {f"eval_{k}": v / steps for k, v in sums.items()}
 
 
+class TrainingStopped(RuntimeError):
+  """Training stopped on purpose (e.g. a non-finite loss with nan_guard='stop'); one-line message."""
+
+
+class Preemption:
+  """SIGTERM -> save at the next step boundary. Multi-process runs agree on the step through JAX's
+  preemption sync point (set up by `jax.distributed.initialize`)."""
+
+  def __init__(self) -> None:
+    self.requested = False
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _initial_state(setup: step_lib.Setup, config: ml_collections.ConfigDict, mgr: Any,
+                   data_iter: pipeline.BatchIterator, rng: jax.Array) -> step_lib.TrainState:
+  """The newest valid checkpoint of this run, else checkpoint.restore_from, else a fresh init."""
+  if mgr is not None and mgr.all_steps():
+    state = checkpoint.restore_latest(mgr, setup.abstract_state, data_iter)
+    if state is not None:
+      return state
+    log.warning("no readable checkpoint in %s; starting fresh", mgr.directory)
+  source = config.checkpoint.get("restore_from")
+  if source:
+    src_dir, step = checkpoint.resolve_path(source)
+    src = checkpoint.manager(src_dir, config.checkpoint, read_only=True)
+    state = checkpoint.restore_step(src, step, setup.abstract_state)
+    log.info("started from %s step %d", src_dir, step)
+    return state
+  return setup.init(rng)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir`; returns the last logged metrics."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the last logged metrics."""
   config, info = resolve(config)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -83,46 +126,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   mesh = make_mesh(config.mesh)
   setup = step_lib.build(config, mesh)
-  logging.info("mesh %s; objective %s; parameters %s", dict(mesh.shape), config.objective.name,
+  log.info("mesh %s; objective %s; parameters %s", dict(mesh.shape), config.objective.name,
                {k: param_count(v) for k, v in setup.abstract_state.params.items()})
   B, L = int(config.batch_size), info.row_len
   compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
   memory = log_memory(compiled)
 
-  rng = jax.random.PRNGKey(int(config.seed))
-  state = setup.init(rng)
-  start = int(jax.device_get(state.step))
   data_kw = dict(global_batch_size=B, seed=int(config.seed), process_index=jax.process_index(),
                  process_count=jax.process_count())
-  train_batches = _batches(pipeline.make_dataset(config.data, split="train", **data_kw), start)
   eval_ds = pipeline.make_dataset(config.data, split="eval", **data_kw) if config.eval_every else None
   if eval_ds is not None and len(eval_ds) < config.eval_steps:
     raise config_lib.ConfigError("eval_steps", config.eval_steps,
                                  f"the eval split has only {len(eval_ds)} batches of {B} rows")
+  data_iter = pipeline.BatchIterator(pipeline.make_dataset(config.data, split="train", **data_kw), 0, data_kw)
+  every = int(config.checkpoint.every)
+  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.checkpoint) if every else None
+
+  rng = jax.random.PRNGKey(int(config.seed))
+  state = _initial_state(setup, config, mgr, data_iter, rng)
+  start = int(jax.device_get(state.step))
+  if data_iter.step != start:  # fresh run, new process layout, or restore_from: the step decides
+    data_iter.seek(start)
 
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=int(config.steps), initial_step=start)
   writer.write_static(step=start, memory=memory)
   clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start)
+  preemption, guard = Preemption(), config.nan_guard
   pending = None
-  for s in range(start, int(config.steps)):
-    batch = step_lib.global_batch(next(train_batches), setup.batch_sharding)
-    state, metrics = compiled(state, batch, rng)
-    if pending is not None:  # read step s-1's metrics now that step s is queued
-      clock.log(*pending)
-      pending = None
-    done = s + 1
-    if done % config.log_every == 0 or done == config.steps:
-      pending = (done, metrics)
-    if eval_ds is not None and (done % config.eval_every == 0 or done == config.steps):
-      if pending is not None:
-        clock.log(*pending)
+  try:
+    for s in range(start, int(config.steps)):
+      state, metrics = compiled(state, step_lib.global_batch(next(data_iter), setup.batch_sharding), rng)
+      if pending is not None:  # read step s-1's metrics now that step s is queued
+        clock.read(*pending, guard=guard)
+      done = s + 1
+      pending = (done, metrics, done % config.log_every == 0 or done == config.steps)
+      if eval_ds is not None and (done % config.eval_every == 0 or done == config.steps):
+        clock.read(*pending, guard=guard)
         pending = None
-      with clock.paused():
-        writer.write(done, evaluate(setup, state.params, eval_ds, int(config.eval_steps), rng))
-    writer.advance(done)
-  if pending is not None:
-    clock.log(*pending)
-  writer.close()
+        with clock.paused():
+          writer.write(done, evaluate(setup, state.params, eval_ds, int(config.eval_steps), rng))
+      if mgr is not None and done % every == 0:
+        with clock.paused():
+          checkpoint.save(mgr, state, data_iter, config)
+      writer.advance(done)
+      if preemption.reached(done):
+        if pending is not None:
+          clock.read(*pending, guard=guard)
+          pending = None
+        log.warning("preempted: saving step %d and exiting", done)
+        if mgr is not None:
+          checkpoint.save(mgr, state, data_iter, config, force=True)
+        break
+    else:
+      if pending is not None:
+        clock.read(*pending, guard=guard)
+      if mgr is not None and mgr.latest_step() != int(config.steps):
+        checkpoint.save(mgr, state, data_iter, config, force=True)
+  finally:
+    if mgr is not None:
+      mgr.wait_until_finished()
+      mgr.close()
+    writer.close()
   return clock.last
 
 
@@ -133,8 +197,17 @@ class _StepClock:
     self.writer, self.tokens_per_step = writer, tokens_per_step
     self.t, self.step, self.last = time.perf_counter(), step, {}
 
-  def log(self, step: int, metrics: dict) -> None:
+  def read(self, step: int, metrics: dict, log: bool, guard: str) -> None:
+    """Reads a step's metrics: acts on a non-finite loss, writes them if it is a logged step."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not scalars.pop("finite"):
+      if guard == "stop":
+        raise TrainingStopped(f"non-finite loss or gradient at step {step} (nan_guard='stop'); "
+                              "its update was not applied and no checkpoint holds it")
+      log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
+                      int(scalars["nonfinite_steps"]))
+    if not log:
+      return
     now = time.perf_counter()
     step_time = (now - self.t) / max(step - self.step, 1)
     scalars.update(step_time_s=step_time, tokens_per_sec=self.tokens_per_step / step_time)
