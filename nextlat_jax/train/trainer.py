@@ -152,7 +152,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.write_static(step=start, memory=memory)
   clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start)
   preemption, guard = Preemption(), config.nan_guard
-  pending = None
+  pending, saved = None, start
+
+  def save(step: int, force: bool = False) -> int:
+    if mgr is None or step == saved:
+      return saved
+    with clock.paused():
+      checkpoint.save(mgr, state, data_iter, config, force=force)
+    return step
+
   try:
     for s in range(start, int(config.steps)):
       state, metrics = compiled(state, step_lib.global_batch(next(data_iter), setup.batch_sharding), rng)
@@ -165,23 +173,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None
         with clock.paused():
           writer.write(done, evaluate(setup, state.params, eval_ds, int(config.eval_steps), rng))
-      if mgr is not None and done % every == 0:
-        with clock.paused():
-          checkpoint.save(mgr, state, data_iter, config)
+      if every and done % every == 0:
+        saved = save(done)
       writer.advance(done)
       if preemption.reached(done):
         if pending is not None:
           clock.read(*pending, guard=guard)
           pending = None
         log.warning("preempted: saving step %d and exiting", done)
-        if mgr is not None:
-          checkpoint.save(mgr, state, data_iter, config, force=True)
+        saved = save(done, force=True)
         break
     else:
       if pending is not None:
         clock.read(*pending, guard=guard)
-      if mgr is not None and mgr.latest_step() != int(config.steps):
-        checkpoint.save(mgr, state, data_iter, config, force=True)
+      saved = save(int(config.steps), force=True)
   finally:
     if mgr is not None:
       mgr.wait_until_finished()
@@ -197,7 +202,7 @@ class _StepClock:
     self.writer, self.tokens_per_step = writer, tokens_per_step
     self.t, self.step, self.last = time.perf_counter(), step, {}
 
-  def read(self, step: int, metrics: dict, log: bool, guard: str) -> None:
+  def read(self, step: int, metrics: dict, write: bool, guard: str) -> None:
     """Reads a step's metrics: acts on a non-finite loss, writes them if it is a logged step."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not scalars.pop("finite"):
@@ -206,7 +211,7 @@ class _StepClock:
                               "its update was not applied and no checkpoint holds it")
       log.warning("step %d: non-finite loss or gradient, update skipped (%d so far)", step,
                       int(scalars["nonfinite_steps"]))
-    if not log:
+    if not write:
       return
     now = time.perf_counter()
     step_time = (now - self.t) / max(step - self.step, 1)
