@@ -1,6 +1,7 @@
 """The `nextlat` command: `nextlat <command> --flags`; `nextlat <command> --help` lists a command's flags."""
 from __future__ import annotations
 
+import json
 import logging as std_logging
 import sys
 
@@ -13,6 +14,9 @@ usage: nextlat <command> [--flags]
 
 commands:
   train         train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]
+                (resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0)
+  eval          eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's
+                devices, and report held-out metrics (also written to DIR/eval_<step>.json)
   bench step    time GPT and NextLat d=1,2,8 train steps on one config; prints ratios
 
 `nextlat <command> --help` shows the command's flags.
@@ -22,7 +26,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py, `get_config(arg)`); append ':arg' for a "
     "preset. Override any value with --config.<key>=<value>.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, tensorboard/, config.json.")
+flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, tensorboard/, config.json, checkpoints/.")
+flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the newest).")
+flags.DEFINE_integer("eval_steps", None, "eval: held-out batches (default: the run's eval_steps).")
 
 
 def _train(argv: list[str]) -> None:
@@ -31,6 +37,14 @@ def _train(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
   trainer.train(FLAGS.config, FLAGS.workdir)
+
+
+def _eval(argv: list[str]) -> None:
+  del argv
+  from nextlat_jax.train import evaluate
+  if FLAGS.workdir is None:
+    raise app.UsageError("eval needs --workdir")
+  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)))
 
 
 def _bench(argv: list[str]) -> None:
@@ -42,7 +56,7 @@ def _bench(argv: list[str]) -> None:
   bench_step.main(FLAGS.config)
 
 
-COMMANDS = {"train": _train, "bench": _bench}
+COMMANDS = {"train": _train, "eval": _eval, "bench": _bench}
 
 
 def _run(fn):

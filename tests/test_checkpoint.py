@@ -14,7 +14,7 @@ import pytest
 
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint, trainer
+from nextlat_jax.train import checkpoint, evaluate
 from nextlat_jax.train import step as step_lib
 from tests.conftest import REPO
 
@@ -88,6 +88,12 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   assert cfg["model"]["d_model"] == 64
   data_state = json.loads((tmp_path / "checkpoints" / str(last) / "data" / "process_0-of-1.json").read_text())
   assert data_state["step"] == last
+  # `nextlat eval`: parameters only, restored onto this process's 8 devices (the run used 1).
+  result = evaluate.evaluate_run(str(tmp_path), eval_steps=2)
+  assert result["step"] == last and np.isfinite(result["eval_loss"])
+  assert json.loads((tmp_path / f"eval_{last}.json").read_text()) == result
+  again = evaluate.evaluate_run(str(tmp_path), eval_steps=2, mesh_overrides=dict(data=2, fsdp=2, tensor=2))
+  assert abs(again["eval_loss"] - result["eval_loss"]) < 1e-5
 
 
 def _config(**model):
