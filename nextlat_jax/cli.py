@@ -27,6 +27,11 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py, `get_config(arg)`); append ':arg' for a "
     "preset. Override any value with --config.<key>=<value>.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, tensorboard/, config.json, checkpoints/.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed): cluster auto-detection "
+                  "(TPU pod, SLURM) unless --coordinator_address is given.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "With --coordinator_address: the number of processes.")
+flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the newest).")
 flags.DEFINE_integer("eval_steps", None, "eval: held-out batches (default: the run's eval_steps).")
 
@@ -70,6 +75,9 @@ def _run(fn):
     ours.addHandler(handler)
     ours.setLevel(std_logging.INFO)
     ours.propagate = False
+    if FLAGS.distributed or FLAGS.coordinator_address:
+      from nextlat_jax.parallel import distributed
+      distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
       fn(argv)
     except ConfigError as e:  # a user error: one line, no traceback
