@@ -10,17 +10,13 @@ resuming at step s is `ds[s:]` and the iterator needs no state beyond the step.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib
 import json
-import os
 
 import grain
 import ml_collections
 
-from nextlat_jax.data.tasks import manhattan
-
 SPLITS = ('train', 'eval')
-_WALK_TASKS = ('street_grid', 'manhattan')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,78 +29,41 @@ class DatasetInfo:
   row_len: int
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """CPU-quickstart data config: random walks on a generated 8x8 one-way street grid."""
-  return ml_collections.ConfigDict(dict(
-      name='street_grid',  # 'street_grid' (generated) or 'manhattan' (edge file at graph_path)
-      graph_path='../shared/data/manhattan/edges.tsv',  # used when name == 'manhattan'
-      seq_len=128,  # row length is seq_len + 1; Manhattan block 256 is [derived], not specified
-      context_length=1,  # origin and destination are never targets (TASKS.md §1.5)
-      grid_rows=8,
-      grid_cols=8,
-      grid_seed=0,
-      min_moves=3,  # not specified: walk length counts moves, U{min_moves..max_moves}
-      max_moves=30,  # quickstart; 97 keeps Manhattan documents <= 100 tokens (TASKS.md §1.3)
-      resample_short=True,  # not specified: resample walks cut short by a sink below min_moves
-      heldout_fraction=0.1,  # not specified: share of (origin, destination) pairs held out
-      split_seed=0,  # not specified: seeds the held-out pair hash
-      num_rows=1 << 24,  # train rows (generated on the fly; nominal length)
-      eval_rows=1024,
-  ))
+# data.name -> module providing `info(data_cfg) -> DatasetInfo` and
+# `make_source(data_cfg, *, split, seed)` (a grain RandomAccessDataSource of rows in the batch contract).
+SOURCES = {
+    'street_grid': 'nextlat_jax.data.tasks.walks',
+    'manhattan': 'nextlat_jax.data.tasks.walks',
+}
 
 
-def _need(ok: bool, key: str, value, why: str) -> None:
+def need(ok: bool, key: str, value, why: str) -> None:
+  """Raises ValueError('key=value: why') unless ok."""
   if not ok:
     raise ValueError(f'{key}={value!r}: {why}')
 
 
-@functools.lru_cache(maxsize=8)
-def _load_graph(name: str, graph_path: str, rows: int, cols: int, grid_seed: int
-                ) -> manhattan.StreetGraph:
-  if name == 'manhattan':
-    if not os.path.isfile(graph_path):
-      raise ValueError(f'data.graph_path={graph_path!r}: street graph file not found '
-                       f'(absolute: {os.path.abspath(graph_path)})')
-    return manhattan.StreetGraph.from_tsv(graph_path)
-  return manhattan.StreetGraph.grid(rows, cols, seed=grid_seed)
+def _module(data_cfg: ml_collections.ConfigDict):
+  need(data_cfg.name in SOURCES, 'data.name', data_cfg.name,
+       f'unknown dataset; expected one of {tuple(SOURCES)}')
+  return importlib.import_module(SOURCES[data_cfg.name])
 
 
-def _graph(data_cfg: ml_collections.ConfigDict) -> manhattan.StreetGraph:
-  _need(data_cfg.name in _WALK_TASKS, 'data.name', data_cfg.name,
-        f'unknown dataset; expected one of {_WALK_TASKS}')
-  if data_cfg.name == 'manhattan':
-    return _load_graph('manhattan', str(data_cfg.graph_path), 0, 0, 0)
-  for key in ('grid_rows', 'grid_cols'):
-    _need(data_cfg[key] >= 2, f'data.{key}', data_cfg[key], 'must be >= 2')
-  return _load_graph('street_grid', '', data_cfg.grid_rows, data_cfg.grid_cols, data_cfg.grid_seed)
+def default_data_config() -> ml_collections.ConfigDict:
+  """The quickstart's data: random walks on a generated 8x8 one-way street grid."""
+  from nextlat_jax.data.tasks import walks
+  return walks.default_data_config()
 
 
 def dataset_info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
   """Vocabulary size, EOS/pad ids and row length of the configured dataset."""
-  _need(data_cfg.seq_len >= 1, 'data.seq_len', data_cfg.seq_len, 'must be >= 1')
-  tokenizer = manhattan.WordTokenizer(_graph(data_cfg).node_ids)
-  return DatasetInfo(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                     pad_id=tokenizer.pad_id, row_len=data_cfg.seq_len + 1)
+  return _module(data_cfg).info(data_cfg)
 
 
-def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int
-                ) -> manhattan.WalkRowSource:
-  """The index-addressable row source (grain RandomAccessDataSource) of one split."""
-  _need(split in SPLITS, 'split', split, f'expected one of {SPLITS}')
-  info = dataset_info(data_cfg)
-  rows_key = 'num_rows' if split == 'train' else 'eval_rows'
-  _need(data_cfg[rows_key] >= 0, f'data.{rows_key}', data_cfg[rows_key], 'must be >= 0')
-  _need(1 <= data_cfg.min_moves <= data_cfg.max_moves, 'data.min_moves', data_cfg.min_moves,
-        f'need 1 <= min_moves <= max_moves (max_moves={data_cfg.max_moves})')
-  fraction = data_cfg.heldout_fraction
-  _need(0.0 <= fraction < 1.0 and (split == 'train' or fraction > 0.0), 'data.heldout_fraction',
-        fraction, 'need 0 <= f < 1, and f > 0 for the eval split')
-  _need(seed >= 0, 'seed', seed, 'must be >= 0')
-  return manhattan.WalkRowSource(
-      _graph(data_cfg), row_len=info.row_len, num_rows=data_cfg[rows_key], seed=seed, split=split,
-      context_length=data_cfg.context_length, min_moves=data_cfg.min_moves,
-      max_moves=data_cfg.max_moves, resample_short=data_cfg.get('resample_short', True),
-      heldout_fraction=fraction, split_seed=data_cfg.get('split_seed', 0))
+def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int):
+  """The index-addressable row source of one split."""
+  need(split in SPLITS, 'split', split, f'expected one of {SPLITS}')
+  return _module(data_cfg).make_source(data_cfg, split=split, seed=seed)
 
 
 def make_dataset(
@@ -112,14 +71,14 @@ def make_dataset(
     process_index: int, process_count: int,
 ) -> grain.MapDataset:
   """Element s: this process's local batch of step s, dict of int32 (local_batch, row_len)."""
-  _need(process_count >= 1, 'process_count', process_count, 'must be >= 1')
-  _need(0 <= process_index < process_count, 'process_index', process_index,
+  need(process_count >= 1, 'process_count', process_count, 'must be >= 1')
+  need(0 <= process_index < process_count, 'process_index', process_index,
         f'must be in [0, process_count={process_count})')
-  _need(global_batch_size >= 1 and global_batch_size % process_count == 0, 'global_batch_size',
+  need(global_batch_size >= 1 and global_batch_size % process_count == 0, 'global_batch_size',
         global_batch_size, f'must be a positive multiple of process_count={process_count}')
   source = make_source(data_cfg, split=split, seed=seed)
   num_steps = len(source) // global_batch_size
-  _need(num_steps >= 1, 'data.num_rows' if split == 'train' else 'data.eval_rows', len(source),
+  need(num_steps >= 1, 'data.num_rows' if split == 'train' else 'data.eval_rows', len(source),
         f'fewer rows than one global batch (global_batch_size={global_batch_size})')
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.source(source)[: num_steps * global_batch_size]
