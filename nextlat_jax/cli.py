@@ -1,6 +1,7 @@
 """The `nextlat` command: `nextlat <command> --flags`; `nextlat <command> --help` lists a command's flags."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging as std_logging
 import sys
@@ -8,19 +9,29 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-USAGE = """nextlat: NextLat (next-latent prediction) transformers in JAX.
+# command -> (module:function taking argv, help). A command module may define its own absl flags at
+# import time; the shared ones (--config, --workdir, multi-process start-up) are defined here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("nextlat_jax.cli:train",
+              "train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]\n"
+              "resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0"),
+    "eval": ("nextlat_jax.cli:evaluate",
+             "eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's devices,\n"
+             "and report held-out metrics (also written to DIR/eval_<step>.json)"),
+    "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
+}
 
-usage: nextlat <command> [--flags]
 
-commands:
-  train         train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]
-                (resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0)
-  eval          eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's
-                devices, and report held-out metrics (also written to DIR/eval_<step>.json)
-  bench step    time GPT and NextLat d=1,2,8 train steps on one config; prints ratios
+def usage() -> str:
+  lines = ["nextlat: NextLat (next-latent prediction) transformers in JAX.", "",
+           "usage: nextlat <command> [--flags]", "", "commands:"]
+  for name, (_, text) in COMMANDS.items():
+    first, *rest = text.split("\n")
+    lines.append(f"  {name:<14}{first}")
+    lines += [f"  {'':<14}{r}" for r in rest]
+  lines += ["", "`nextlat <command> --help` shows the command's flags."]
+  return "\n".join(lines) + "\n"
 
-`nextlat <command> --help` shows the command's flags.
-"""
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,7 +47,7 @@ flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the newe
 flags.DEFINE_integer("eval_steps", None, "eval: held-out batches (default: the run's eval_steps).")
 
 
-def _train(argv: list[str]) -> None:
+def train(argv: list[str]) -> None:
   del argv
   from nextlat_jax.train import trainer
   if FLAGS.config is None or FLAGS.workdir is None:
@@ -44,24 +55,20 @@ def _train(argv: list[str]) -> None:
   trainer.train(FLAGS.config, FLAGS.workdir)
 
 
-def _eval(argv: list[str]) -> None:
+def evaluate(argv: list[str]) -> None:
   del argv
-  from nextlat_jax.train import evaluate
+  from nextlat_jax.train import evaluate as evaluate_lib
   if FLAGS.workdir is None:
     raise app.UsageError("eval needs --workdir")
-  print(json.dumps(evaluate.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)))
+  print(json.dumps(evaluate_lib.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)))
 
 
-def _bench(argv: list[str]) -> None:
-  if len(argv) < 2 or argv[1] != "step":
-    raise app.UsageError("usage: nextlat bench step --config=...")
-  from nextlat_jax.bench import step as bench_step
-  if FLAGS.config is None:
-    raise app.UsageError("bench step needs --config")
-  bench_step.main(FLAGS.config)
-
-
-COMMANDS = {"train": _train, "eval": _eval, "bench": _bench}
+def _command(name: str):
+  module_name, fn_name = COMMANDS[name][0].split(":")
+  module = importlib.import_module(module_name)  # defines the command's own flags
+  if module is not sys.modules[__name__]:
+    flags.adopt_module_key_flags(module)
+  return getattr(module, fn_name)
 
 
 def _run(fn):
@@ -91,12 +98,19 @@ def _run(fn):
 
 def main() -> None:
   argv = sys.argv
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:
-    print(USAGE, file=sys.stderr if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help") else sys.stdout)
-    sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2)
+  wants_help = len(argv) >= 2 and argv[1] in ("-h", "--help", "help")
+  if len(argv) < 2 or wants_help or argv[1] not in COMMANDS:
+    print(usage(), file=sys.stdout if wants_help else sys.stderr)
+    sys.exit(0 if wants_help else 2)
   command = argv[1]
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
+    fn = _command(command)
+    print(f"nextlat {COMMANDS[command][1]}\n")
+    modules = dict.fromkeys([__name__, fn.__module__])
+    print("\n".join(FLAGS.module_help(m) for m in modules if FLAGS.module_help(m)))
+    sys.exit(0)
   # absl parses the flags; the command (and a sub-command such as `bench step`) stay positional.
-  app.run(_run(COMMANDS[command]), argv=[f"nextlat {command}"] + argv[2:])
+  app.run(_run(_command(command)), argv=[f"nextlat {command}"] + argv[2:])
 
 
 if __name__ == "__main__":
