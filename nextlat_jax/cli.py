@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nextlat_jax.cli:evaluate",
              "eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's devices,\n"
              "and report held-out metrics (also written to DIR/eval_<step>.json)"),
+    "prepare": ("nextlat_jax.data.prepare:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
+    "generate": ("nextlat_jax.decoding.cli:generate", "generate --workdir=DIR --prompt=... [--speculative --policy=...]: sample from a run (KV cache; self-speculative with --speculative)"),
+    "info": ("nextlat_jax.info:main", "info --config=...: parameter counts (training / inference) and FLOPs per token, as JSON"),
     "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
 }
 
@@ -65,9 +68,10 @@ def evaluate(argv: list[str]) -> None:
 
 def _command(name: str):
   module_name, fn_name = COMMANDS[name][0].split(":")
+  if module_name == "nextlat_jax.cli":  # this module, also when run as `python -m nextlat_jax.cli`
+    return globals()[fn_name]
   module = importlib.import_module(module_name)  # defines the command's own flags
-  if module is not sys.modules[__name__]:
-    flags.adopt_module_key_flags(module)
+  flags.adopt_module_key_flags(module)
   return getattr(module, fn_name)
 
 
@@ -106,7 +110,7 @@ def main() -> None:
   if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
     fn = _command(command)
     print(f"nextlat {COMMANDS[command][1]}\n")
-    modules = dict.fromkeys([__name__, fn.__module__])
+    modules = dict.fromkeys([__name__, fn.__module__ if fn.__module__ != "nextlat_jax.cli" else __name__])
     print("\n".join(FLAGS.module_help(m) for m in modules if FLAGS.module_help(m)))
     sys.exit(0)
   # absl parses the flags; the command (and a sub-command such as `bench step`) stay positional.

@@ -42,6 +42,17 @@ def base_config() -> ml_collections.ConfigDict:
       name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0,
       eos_mask="transition",  # reference; "chain" masks every step at or after an EOS crossing
       remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
+      # Baselines (BASELINES.md; docs/baselines.md). MTP / JTP / mtp_deepseek also read horizon and
+      # remat_rollout (then: checkpoint each extra head / slot / module).
+      lambda_mtp=1.0,  # MTP, JTP, mtp_deepseek auxiliary weight; FineWeb-Edu's untuned 1.0 (per task: not reported)
+      mtp_eos_mask="reference",  # mtp: "reference" (the code's rule) | "intended" (no EOS before the target)
+      representation="trunk",  # state for rank/probe metrics: mtp "trunk" | "head0"; jtp "trunk" | "combine"
+      deepseek_concat="embedding_first",  # mtp_deepseek: public implementations; "hidden_first": the report
+      deepseek_final_norm=True,  # mtp_deepseek: per-module RMSNorm before the shared head (public impls)
+      bst_min_gap=1, bst_max_gap=-1,  # bst: pair gaps k in [min, max); -1: no limit (reference defaults)
+      bst_pair_fraction=1.0,  # bst: < 1 keeps a per-row budget of pairs (EOS-touching first), not specified
+      bst_pair_chunk=2048,  # bst: pairs per row per rematerialised chunk (memory only)
+      bst_normalize="row",  # bst: "row" (mean per row, then over rows; reference) | "pair"; not specified
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, decay_steps=0,
@@ -55,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep=3,  # keep the last K ...
       keep_period=0,  # ... plus every M-th step for good (0: none)
       async_save=True,
+      snapshot_on_device=True,  # copy the state on device and save from a background thread
       restore_from=ml_collections.config_dict.placeholder(str),  # start from another run's checkpoint
   ))
   return c
@@ -92,6 +104,33 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
     need(int(c.dynamics.hidden) >= 1, "dynamics.hidden", c.dynamics.hidden, "must be >= 1")
     for key in ("lambda_next_h", "lambda_kl"):
       need(float(o[key]) >= 0, f"objective.{key}", o[key], "must be >= 0")
+
+  if o.name in ("mtp", "mtp_deepseek", "jtp"):
+    need(int(o.horizon) >= 1, "objective.horizon", o.horizon, f"must be >= 1 for {o.name}")
+    need(float(o.lambda_mtp) >= 0, "objective.lambda_mtp", o.lambda_mtp, "must be >= 0")
+  if o.name == "mtp":
+    need(int(m.n_layer) >= 2, "model.n_layer", m.n_layer, "must be >= 2 for mtp (trunk of n_layer - 1 blocks)")
+    need(o.mtp_eos_mask in ("reference", "intended"), "objective.mtp_eos_mask", o.mtp_eos_mask,
+         "must be 'reference' or 'intended'")
+  if o.name in ("mtp", "jtp"):
+    reps = ("trunk", "head0") if o.name == "mtp" else ("trunk", "combine")
+    need(o.representation in reps, "objective.representation", o.representation, f"must be one of {reps} for {o.name}")
+  if o.name == "jtp":
+    need(m.d_model % min(4, m.n_head) == 0, "model.d_model", m.d_model,
+         f"must be divisible by jtp's min(4, n_head)={min(4, m.n_head)} Fetch heads")
+  if o.name == "mtp_deepseek":
+    need(o.deepseek_concat in ("embedding_first", "hidden_first"), "objective.deepseek_concat",
+         o.deepseek_concat, "must be 'embedding_first' or 'hidden_first'")
+    need(isinstance(o.deepseek_final_norm, bool), "objective.deepseek_final_norm", o.deepseek_final_norm,
+         "must be True or False")
+  if o.name == "bst":
+    need(int(o.bst_min_gap) >= 1, "objective.bst_min_gap", o.bst_min_gap, "must be >= 1")
+    need(int(o.bst_max_gap) == -1 or int(o.bst_max_gap) > int(o.bst_min_gap), "objective.bst_max_gap",
+         o.bst_max_gap, f"must be -1 (no limit) or > bst_min_gap={o.bst_min_gap}")
+    need(0 < float(o.bst_pair_fraction) <= 1, "objective.bst_pair_fraction", o.bst_pair_fraction,
+         "must be in (0, 1]")
+    need(int(o.bst_pair_chunk) >= 1, "objective.bst_pair_chunk", o.bst_pair_chunk, "must be >= 1")
+    need(o.bst_normalize in ("row", "pair"), "objective.bst_normalize", o.bst_normalize, "must be 'row' or 'pair'")
 
   need(opt.name == "adamw", "optimizer.name", opt.name, "unknown (known: adamw)")
   need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {SCHEDULES}")

@@ -131,7 +131,7 @@ def test_restore_onto_other_meshes_and_params_only(tmp_path):
       pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0,
                             process_count=1), 1, {})
   mgr = checkpoint.manager(str(tmp_path), config.checkpoint)
-  checkpoint.save(mgr, state, data_iter, config, force=True)
+  checkpoint.save(mgr, 1, state, data_iter, config, force=True)
   mgr.wait_until_finished()
   expected = jax.device_get(state.params)
   next_batch = None
@@ -160,9 +160,9 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
       pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0,
                             process_count=1), 0, {})
   mgr = checkpoint.manager(str(tmp_path), config.checkpoint)
-  for _ in range(2):
+  for step in (1, 2):
     state, _ = setup.step(state, _batch(config, setup), jax.random.PRNGKey(0))
-    checkpoint.save(mgr, state, data_iter, config, force=True)
+    checkpoint.save(mgr, step, state, data_iter, config, force=True)
     mgr.wait_until_finished()
   # Corrupt every file of the newest checkpoint's parameters.
   for root, _, files in os.walk(tmp_path / "2" / "params"):

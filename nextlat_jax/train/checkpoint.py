@@ -9,6 +9,7 @@ Restoring onto another mesh / device count passes abstract targets that carry th
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -41,15 +42,18 @@ def _rest(state: TrainState) -> dict:
   return {"step": state.step, "opt_state": state.opt_state, "nonfinite": state.nonfinite}
 
 
-def save(mgr: ocp.CheckpointManager, state: TrainState, data_iter: Any, config: Any, *,
+def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, data_iter: Any, config: Any, *,
          force: bool = False) -> bool:
-  """Starts an (asynchronous) save of `state` at its own step."""
-  step = int(jax.device_get(state.step))
+  """Starts an (asynchronous) save of `state`, which is at `step` (passed in: no device sync here).
+
+  `config` is the resolved ConfigDict or its JSON-ready dict.
+  """
+  config_dict = config if isinstance(config, dict) else json.loads(config.to_json())
   args = ocp.args.Composite(
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(_rest(state)),
       data=grain.checkpoint.CheckpointSave(data_iter),
-      config=ocp.args.JsonSave(json.loads(config.to_json())))
+      config=ocp.args.JsonSave(config_dict))
   return mgr.save(step, args=args, force=force)
 
 
@@ -67,6 +71,54 @@ def restore_step(mgr: ocp.CheckpointManager, step: int | None, abstract_state: T
   rest = out["opt_state"]
   return TrainState(step=rest["step"], params=out["params"], opt_state=rest["opt_state"],
                     nonfinite=rest["nonfinite"])
+
+
+class _FrozenDataState:
+  """The data iterator's state at save time, for grain's handler (the live iterator moves on)."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+class BackgroundSaver:
+  """Saves from a background thread, so the train loop blocks only to snapshot the state.
+
+  With `snapshot_on_device` the state is first copied on device (one extra copy of the train state in
+  device memory; the step after the save may donate the original), else the save waits for Orbax's
+  own blocking part (the device-to-host transfer) in the background thread before the loop goes on.
+  At most one save is in flight; a new save first waits for the previous one.
+  """
+
+  def __init__(self, mgr: ocp.CheckpointManager, snapshot_on_device: bool = True):
+    self.mgr, self.snapshot_on_device = mgr, snapshot_on_device
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+    self._future: concurrent.futures.Future | None = None
+
+  def save(self, step: int, state: TrainState, data_iter: Any, config: Any, force: bool = False) -> None:
+    self.wait()
+    data = _FrozenDataState(data_iter.get_state())
+    if self.snapshot_on_device:
+      state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), state)
+      self._future = self._pool.submit(save, self.mgr, step, state, data, config, force=force)
+    else:
+      save(self.mgr, step, state, data, config, force=force)
+
+  def wait(self) -> None:
+    """Until every started save is complete on disk (raises the save's error, if any)."""
+    if self._future is not None:
+      future, self._future = self._future, None
+      future.result()
+    self.mgr.wait_until_finished()
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._pool.shutdown()
+      self.mgr.close()
 
 
 def resolve_path(path: str) -> tuple[str, int | None]:

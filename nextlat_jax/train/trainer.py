@@ -6,6 +6,7 @@ stalls the device.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -153,12 +154,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start)
   preemption, guard = Preemption(), config.nan_guard
   pending, saved = None, start
+  config_dict = json.loads(config.to_json())
+  saver = mgr and checkpoint.BackgroundSaver(mgr, bool(config.checkpoint.snapshot_on_device))
 
   def save(step: int, force: bool = False) -> int:
     if mgr is None or step == saved:
       return saved
     with clock.paused():
-      checkpoint.save(mgr, state, data_iter, config, force=force)
+      saver.save(step, state, data_iter, config_dict, force=force)
     return step
 
   try:
@@ -188,9 +191,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clock.read(*pending, guard=guard)
       saved = save(int(config.steps), force=True)
   finally:
-    if mgr is not None:
-      mgr.wait_until_finished()
-      mgr.close()
+    if saver:
+      saver.close()
     writer.close()
   return clock.last
 
