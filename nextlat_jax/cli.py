@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("nextlat_jax.data.prepare:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
     "generate": ("nextlat_jax.decoding.cli:generate", "generate --workdir=DIR --prompt=... [--speculative --policy=...]: sample from a run (KV cache; self-speculative with --speculative)"),
     "info": ("nextlat_jax.info:main", "info --config=...: parameter counts (training / inference) and FLOPs per token, as JSON"),
+    "compile-check": ("nextlat_jax.compile_check:main",
+                      "compile-check --config=... --mesh=D,F,T: compile the full-size train step on a\n"
+                      "simulated CPU mesh (nothing allocated) and print per-device memory"),
     "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
 }
 
@@ -107,6 +110,9 @@ def main() -> None:
     print(usage(), file=sys.stdout if wants_help else sys.stderr)
     sys.exit(0 if wants_help else 2)
   command = argv[1]
+  if command == "compile-check":  # the fake device count must be set before JAX starts
+    from nextlat_jax.compile_check import simulate_devices
+    simulate_devices(argv[2:])
   if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
     fn = _command(command)
     print(f"nextlat {COMMANDS[command][1]}\n")

@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # not specified by the paper for most tasks
   c.steps = 1000
   c.batch_size = 32  # global rows per step
+  c.microbatches = 1  # gradient accumulation: the step runs batch_size / microbatches rows at a time
   c.log_every = 10
   c.eval_every = 200  # 0 disables held-out evaluation
   c.eval_steps = 4  # held-out batches per evaluation
@@ -158,4 +159,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   dp = shape[0] * shape[1]
   need(int(c.batch_size) >= 1 and c.batch_size % dp == 0, "batch_size", c.batch_size,
        f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
+  k = int(c.get("microbatches", 1))
+  need(k >= 1 and c.batch_size % (k * dp) == 0, "microbatches", k,
+       f"batch_size={c.batch_size} must be divisible by microbatches * data-parallel size ({dp})")
   need(m.n_head % shape[2] == 0, "mesh.tensor", shape[2], f"must divide model.n_head={m.n_head}")

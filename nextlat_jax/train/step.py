@@ -27,15 +27,48 @@ class TrainState:
   nonfinite: jax.Array  # number of steps whose update was skipped for a NaN/inf loss or gradient
 
 
+def loss_and_grads(params: Any, batch: dict, rng: jax.Array, objective: objectives.Objective,
+                   microbatches: int = 1, batch_sharding: NamedSharding | None = None):
+  """((loss, metrics), grads), averaged over `microbatches` sequential slices of the batch.
+
+  Microbatch i takes rows i, i+k, i+2k, ... so every device keeps an equal share of each one. The
+  average of per-microbatch losses equals the full-batch loss when every microbatch holds the same
+  number of loss tokens (e.g. packed pretraining rows); otherwise it weights microbatches equally.
+  """
+  grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch, rng)
+
+  def split(x):
+    B = x.shape[0]
+    x = x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    if batch_sharding is not None:
+      spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
+    return x
+
+  def body(acc, mb_and_i):
+    mb, i = mb_and_i
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, acc, ((loss, metrics), grads)), None
+
+  micro = jax.tree.map(split, batch)
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(microbatches)))
+  return jax.tree.map(lambda x: x / microbatches, total)
+
+
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective: objectives.Objective,
-               tx: optax.GradientTransformation, lr: optax.Schedule) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, lr: optax.Schedule, microbatches: int = 1,
+               batch_sharding: NamedSharding | None = None) -> tuple[TrainState, dict]:
   """One optimizer update: (state, batch, rng) -> (state, metrics).
 
   A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged (the
   trainer then skips on or stops, per `config.nan_guard`), so a NaN never reaches the state.
   """
   rng = jax.random.fold_in(rng, state.step)
-  (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
+  (loss, metrics), grads = loss_and_grads(state.params, batch, rng, objective, microbatches, batch_sharding)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -96,7 +129,8 @@ def build(config: Any, mesh: Mesh) -> Setup:
 
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init, jax.random.PRNGKey(0)), state_sh)
-  step = jax.jit(functools.partial(train_step, objective=objective, tx=tx, lr=lr),
+  step = jax.jit(functools.partial(train_step, objective=objective, tx=tx, lr=lr,
+                                   microbatches=int(config.get("microbatches", 1)), batch_sharding=batch_sh),
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                  donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, objective=objective),
