@@ -122,8 +122,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   if o.name == "mtp_deepseek":
     need(o.deepseek_concat in ("embedding_first", "hidden_first"), "objective.deepseek_concat",
          o.deepseek_concat, "must be 'embedding_first' or 'hidden_first'")
-    need(isinstance(o.deepseek_final_norm, bool), "objective.deepseek_final_norm", o.deepseek_final_norm,
-         "must be True or False")
   if o.name == "bst":
     need(int(o.bst_min_gap) >= 1, "objective.bst_min_gap", o.bst_min_gap, "must be >= 1")
     need(int(o.bst_max_gap) == -1 or int(o.bst_max_gap) > int(o.bst_min_gap), "objective.bst_max_gap",
@@ -162,4 +160,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   k = int(c.get("microbatches", 1))
   need(k >= 1 and c.batch_size % (k * dp) == 0, "microbatches", k,
        f"batch_size={c.batch_size} must be divisible by microbatches * data-parallel size ({dp})")
-  need(m.n_head % shape[2] == 0, "mesh.tensor", shape[2], f"must divide model.n_head={m.n_head}")
+  # XLA (jax 0.10, CPU) computes wrong gradients for (fsdp, tensor)-sharded weights when data, fsdp and
+  # tensor are all > 1 and each batch shard holds one row (docs/design.md, tests/test_xla_guard.py).
+  rows = c.batch_size // (k * dp)
+  need(not (rows == 1 and min(shape) > 1), "batch_size", c.batch_size,
+       f"one row per batch shard on mesh {dict(zip(MESH_AXES, shape))} triggers a known XLA "
+       "miscompile (wrong gradients); use >= 2 rows per shard (batch_size / (microbatches * data * fsdp))")
+  fsdp, tensor = shape[1], shape[2]
+  ffn = int(m.ffn_width) or 128 * round(8 * m.d_model / 3 / 128)
+  for key, size, axis, n in (("model.n_head", m.n_head, "mesh.tensor", tensor),
+                             ("model.vocab_size", m.vocab_size, "mesh.tensor", tensor),
+                             ("model.ffn_width (SwiGLU width)", ffn, "mesh.tensor", tensor),
+                             ("model.d_model", m.d_model, "mesh.fsdp", fsdp)):
+    need(size % n == 0, key, size, f"must be divisible by {axis}={n} (it is sharded over that axis)")
+  if o.name == "nextlat":
+    H = int(c.dynamics.hidden)
+    need(H % tensor == 0 and H % fsdp == 0, "dynamics.hidden", H,
+         f"must be divisible by mesh.tensor={tensor} and mesh.fsdp={fsdp}")

@@ -10,7 +10,7 @@ from tests.test_checkpoint import _batch, _config, _setup
 def test_microbatched_grads_equal_full_batch():
   config = _config()
   config.batch_size = 16
-  setup = _setup(config, jax.devices(), data=2, fsdp=2, tensor=2)
+  setup = _setup(config, jax.devices(), data=4, fsdp=1, tensor=2)
   params = setup.init(jax.random.PRNGKey(0)).params
   batch = _batch(config, setup)
   # every row trains on every target, so each microbatch's masked mean has the same weight
