@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile-check": ("nextlat_jax.compile_check:main",
                       "compile-check --config=... --mesh=D,F,T: compile the full-size train step on a\n"
                       "simulated CPU mesh (nothing allocated) and print per-device memory"),
+    "sweep": ("nextlat_jax.sweep:main",
+              "sweep --config=... --sweep=configs/sweeps/x.py --workdir=BASE [--dry_run] [--launcher=local|slurm]:\n"
+              "expand a product / zip of overrides into named runs and launch them"),
     "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
 }
 

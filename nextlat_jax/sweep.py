@@ -1,0 +1,93 @@
+"""`nextlat sweep --config=configs/x.py --sweep=configs/sweeps/y.py --workdir=BASE`: expand a sweep
+into named runs and print (--dry_run) or launch their `nextlat train` commands.
+
+A sweep file defines `get_sweep()` returning a list of override dicts, usually built with `product`
+and `zip_` below, e.g. `product(zip_({"objective.name": ["gpt", "nextlat"]}), {"seed": [0, 1]})`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+from typing import Any, Iterable
+
+from absl import flags
+
+flags.DEFINE_string("sweep", None, "sweep: a Python file with get_sweep() -> list of override dicts.")
+flags.DEFINE_enum("launcher", "local", ["local", "slurm"], "sweep: run each command here, one after "
+                  "the other (local), or submit each with `sbatch launch/slurm.sbatch` (slurm).")
+flags.DEFINE_bool("dry_run", False, "sweep: print the commands, launch nothing.")
+FLAGS = flags.FLAGS
+
+
+def zip_(axes: dict[str, list]) -> list[dict]:
+  """{"a": [1, 2], "b": [3, 4]} -> [{"a": 1, "b": 3}, {"a": 2, "b": 4}] (equal lengths)."""
+  lengths = {k: len(v) for k, v in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f"zip_: axes of different lengths {lengths}")
+  return [dict(zip(axes, values)) for values in zip(*axes.values())]
+
+
+def product(*parts: list[dict] | dict[str, list]) -> list[dict]:
+  """Cartesian product of lists of override dicts (a dict of lists is one axis per key)."""
+  lists = []
+  for part in parts:
+    if isinstance(part, dict):
+      lists += [[{k: v} for v in values] for k, values in part.items()]
+    else:
+      lists.append(list(part))
+  return [dict(kv for d in combo for kv in d.items()) for combo in itertools.product(*lists)]
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  """A readable, filesystem-safe name: key tails and values, e.g. `name=nextlat,horizon=2`."""
+  parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
+  return ",".join(parts).replace("/", "_").replace(" ", "") or "base"
+
+
+def load_sweep(path: str) -> list[dict]:
+  spec = importlib.util.spec_from_file_location("nextlat_sweep", path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"--sweep={path!r}: file not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  runs = module.get_sweep()
+  if not runs or not all(isinstance(r, dict) for r in runs):
+    raise ValueError(f"--sweep={path!r}: get_sweep() must return a non-empty list of dicts")
+  return runs
+
+
+def commands(config_path: str, sweep_path: str, base_workdir: str, extra: Iterable[str] = ()) -> list[tuple[str, list[str]]]:
+  """(run name, argv) for every run of the sweep."""
+  out, seen = [], set()
+  for overrides in load_sweep(sweep_path):
+    name = run_name(overrides)
+    if name in seen:
+      raise ValueError(f"sweep {sweep_path}: two runs are both named {name!r}")
+    seen.add(name)
+    argv = ["nextlat", "train", f"--config={config_path}", f"--workdir={os.path.join(base_workdir, name)}"]
+    argv += [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
+    out.append((name, argv))
+  return out
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), None)
+  if not (config_arg and FLAGS.sweep and FLAGS.workdir):
+    raise ValueError("sweep needs --config, --sweep and --workdir (the base directory of the runs)")
+  extra = [a for a in sys.argv[2:] if a.startswith("--config.")]
+  runs = commands(config_arg, FLAGS.sweep, FLAGS.workdir, extra)
+  for name, cmd in runs:
+    line = shlex.join(cmd)
+    if FLAGS.dry_run:
+      print(line)
+      continue
+    if FLAGS.launcher == "slurm":
+      subprocess.run(["sbatch", f"--job-name={name}", "launch/slurm.sbatch", *cmd[1:]], check=True)
+    else:
+      print(f"[{name}] {line}", flush=True)
+      subprocess.run(cmd, check=True)
