@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
       # Baselines (BASELINES.md; docs/baselines.md). MTP / JTP / mtp_deepseek also read horizon and
       # remat_rollout (then: checkpoint each extra head / slot / module).
-      lambda_mtp=1.0,  # MTP, JTP, mtp_deepseek auxiliary weight; FineWeb-Edu's untuned 1.0 (per task: not reported)
+      lambda_mtp=1.0,  # mtp, jtp, mtp_deepseek aux. weight: FineWeb-Edu's untuned 1.0 (per task: not reported)
       mtp_eos_mask="reference",  # mtp: "reference" (the code's rule) | "intended" (no EOS before the target)
       representation="trunk",  # state for rank/probe metrics: mtp "trunk" | "head0"; jtp "trunk" | "combine"
       deepseek_concat="embedding_first",  # mtp_deepseek: public implementations; "hidden_first": the report
@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,  # grad_clip 0 disables clipping
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+  c.peak_flops_per_device = 0.0  # for MFU; 0: from the table of known chips (none for CPUs)
   c.nan_guard = "skip"  # a NaN/inf loss or gradient: "skip" the update (counted) or "stop" the run
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=0,  # save every N steps (and at the end, on SIGTERM); 0: no checkpoints
@@ -115,7 +116,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
          "must be 'reference' or 'intended'")
   if o.name in ("mtp", "jtp"):
     reps = ("trunk", "head0") if o.name == "mtp" else ("trunk", "combine")
-    need(o.representation in reps, "objective.representation", o.representation, f"must be one of {reps} for {o.name}")
+    need(o.representation in reps, "objective.representation", o.representation,
+         f"must be one of {reps} for {o.name}")
   if o.name == "jtp":
     need(m.d_model % min(4, m.n_head) == 0, "model.d_model", m.d_model,
          f"must be divisible by jtp's min(4, n_head)={min(4, m.n_head)} Fetch heads")

@@ -15,7 +15,8 @@ def test_quickstart_learns(tmp_path):
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
   proc = subprocess.run(
       [sys.executable, "-m", "nextlat_jax.cli", "train", "--config=configs/quickstart.py",
-       f"--workdir={tmp_path}", f"--config.steps={STEPS}", "--config.eval_every=100"],
+       f"--workdir={tmp_path}", f"--config.steps={STEPS}", "--config.eval_every=100",
+       "--config.peak_flops_per_device=1e12"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "per-device memory of the train step" in proc.stderr
@@ -29,6 +30,9 @@ def test_quickstart_learns(tmp_path):
               "next_h_1", "next_h_2", "kl_1", "kl_2"):
     assert all(key in r for r in train), key
   assert all(math.isfinite(r["loss"]) for r in train)
+  # MFU = model FLOPs per second / (devices x configured peak), from the analytic FLOP count
+  for r in train:
+    assert 0 < r["mfu"] < 1 and abs(r["mfu"] - r["model_flops_per_sec"] / 1e12) < 1e-9
 
   # Uniform over the 74-token vocabulary is ln 74 = 4.30 nats; uniform over the 9 words that can
   # follow a move (8 directions + `end`) is ln 9 = 2.20. The model must start near the first and

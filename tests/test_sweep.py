@@ -37,3 +37,20 @@ def test_cli_dry_run_prints_every_command(tmp_path):
   lines = out.stdout.strip().splitlines()
   assert len(lines) == 8 and all(l.startswith("nextlat train --config=configs/quickstart.py") for l in lines)
   assert not list(tmp_path.iterdir())  # a dry run launches nothing
+
+
+def test_mfu_peak_table():
+  import ml_collections
+
+  from nextlat_jax.train import mfu
+
+  class Dev:
+    def __init__(self, kind):
+      self.device_kind = kind
+
+  cfg = ml_collections.ConfigDict({"peak_flops_per_device": 0.0})
+  assert mfu.peak_flops_per_device(cfg, Dev("NVIDIA H200")) == 989e12
+  assert mfu.peak_flops_per_device(cfg, Dev("TPU v5 lite")) == 197e12
+  assert mfu.peak_flops_per_device(cfg, Dev("cpu")) is None
+  cfg.peak_flops_per_device = 5e12
+  assert mfu.peak_flops_per_device(cfg, Dev("cpu")) == 5e12

@@ -11,7 +11,7 @@ from typing import Any
 import tqdm
 
 PROGRESS_KEYS = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"),
-                 ("tokens_per_sec", "tok/s", "{:,.0f}"))
+                 ("tokens_per_sec", "tok/s", "{:,.0f}"), ("mfu", "mfu", "{:.1%}"))
 
 
 class MetricsWriter:

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from nextlat_jax import config as config_lib
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint
+from nextlat_jax.train import checkpoint, mfu
 from nextlat_jax.train import step as step_lib
 from nextlat_jax.train.metrics_writer import MetricsWriter
 
@@ -151,7 +151,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = MetricsWriter(workdir, enabled=is_main, total_steps=int(config.steps), initial_step=start)
   writer.write_static(step=start, memory=memory)
-  clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start)
+  peak = mfu.peak_flops_per_device(config)
+  clock = _StepClock(writer, tokens_per_step=B * (L - 1), step=start, flops_per_step=mfu.step_flops(config, L),
+                     peak_flops=peak * jax.device_count() if peak else None)
   preemption, guard = Preemption(), config.nan_guard
   pending, saved = None, start
   config_dict = json.loads(config.to_json())
@@ -200,8 +202,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class _StepClock:
   """Logs step metrics with the wall time per step since the previous log, evaluation excluded."""
 
-  def __init__(self, writer: MetricsWriter, tokens_per_step: int, step: int):
+  def __init__(self, writer: MetricsWriter, tokens_per_step: int, step: int, flops_per_step: float,
+               peak_flops: float | None):
     self.writer, self.tokens_per_step = writer, tokens_per_step
+    self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
     self.t, self.step, self.last = time.perf_counter(), step, {}
 
   def read(self, step: int, metrics: dict, write: bool, guard: str) -> None:
@@ -217,7 +221,10 @@ class _StepClock:
       return
     now = time.perf_counter()
     step_time = (now - self.t) / max(step - self.step, 1)
-    scalars.update(step_time_s=step_time, tokens_per_sec=self.tokens_per_step / step_time)
+    scalars.update(step_time_s=step_time, tokens_per_sec=self.tokens_per_step / step_time,
+                   model_flops_per_sec=self.flops_per_step / step_time)
+    if self.peak_flops:
+      scalars["mfu"] = self.flops_per_step / step_time / self.peak_flops
     self.writer.write(step, scalars)
     self.t, self.step, self.last = now, step, dict(scalars, step=step)
 
