@@ -189,3 +189,35 @@ class Transformer(nn.Module):
         x_BxTxD, _ = block(cfg, self.mesh, self.rules, name=f"block_{i}")(x_BxTxD, mask, positions_BxT)
     h_BxTxD = RMSNorm(cfg.norm_eps, pdtype, name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
     return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed")), e_BxTxD
+
+
+class Stack(nn.Module):
+  """cfg.n_layer blocks over already-embedded inputs, then the final RMSNorm unless final_norm=False:
+  the Transformer without its embedding and head (param names as in Transformer: `blocks` or
+  `block_{i}`, `final_norm`). Additive; used by baselines with a second or shorter stack (BST's
+  backward encoder, MTP's trunk). Returns float32 after the norm, the compute dtype without it."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+  rules: tuple = ()
+  final_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:
+    cfg, c = self.cfg, Constrain(self.mesh, self.rules)
+    mask = document_mask(segment_ids_BxT)
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    x_BxTxD = x_BxTxD.astype(DTYPES[cfg.dtype])
+    if cfg.scan_layers:
+      x_BxTxD, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                           metadata_params={nn.PARTITION_NAME: "layers"})(
+                               cfg, self.mesh, self.rules, name="blocks")(x_BxTxD, mask, positions_BxT)
+    else:
+      for i in range(cfg.n_layer):
+        x_BxTxD, _ = block(cfg, self.mesh, self.rules, name=f"block_{i}")(x_BxTxD, mask, positions_BxT)
+    if not self.final_norm:
+      return x_BxTxD
+    h_BxTxD = RMSNorm(cfg.norm_eps, DTYPES[cfg.param_dtype], name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
+    return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed"))

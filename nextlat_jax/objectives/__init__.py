@@ -24,7 +24,7 @@ class Objective:
 
 
 def names() -> tuple[str, ...]:
-  return ("gpt", "nextlat")
+  return ("gpt", "nextlat", "mtp", "mtp_deepseek", "jtp", "bst")
 
 
 def build(config: Any, mesh: Any = None) -> Objective:
@@ -36,4 +36,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   if name == "nextlat":
     from nextlat_jax.objectives import nextlat
     return nextlat.build(config, mesh)
+  if name in ("mtp", "mtp_deepseek", "jtp", "bst"):  # the baselines (BASELINES.md), one module each
+    import importlib
+    return importlib.import_module(f"nextlat_jax.objectives.{name}").build(config, mesh)
   raise ValueError(f"objective.name={name!r}: unknown objective (known: {', '.join(names())})")
