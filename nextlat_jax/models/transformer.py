@@ -173,22 +173,30 @@ class Transformer(nn.Module):
     # Gather from a replicated copy (as FSDP gathers every weight) so the lookup shards like the batch.
     e_BxTxD = jnp.take(c(table_VxD, (None, None)), tokens_BxT, axis=0)
     e_BxTxD = c(e_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-    mask = document_mask(segment_ids_BxT)
-
-    block = Block
-    if cfg.remat != "none":
-      block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-    x_BxTxD = e_BxTxD.astype(DTYPES[cfg.dtype])
-    if cfg.scan_layers:
-      x_BxTxD, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                           metadata_params={nn.PARTITION_NAME: "layers"})(
-                               cfg, self.mesh, self.rules, name="blocks")(x_BxTxD, mask, positions_BxT)
-    else:
-      for i in range(cfg.n_layer):
-        x_BxTxD, _ = block(cfg, self.mesh, self.rules, name=f"block_{i}")(x_BxTxD, mask, positions_BxT)
+    x_BxTxD = run_blocks(self, e_BxTxD, segment_ids_BxT, positions_BxT)
     h_BxTxD = RMSNorm(cfg.norm_eps, pdtype, name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
     return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed")), e_BxTxD
+
+
+def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:
+  """module.cfg.n_layer blocks (scanned as `blocks`, or `block_{i}`) inside `module`'s scope."""
+  cfg = module.cfg
+  mask = document_mask(segment_ids_BxT)
+  block = Block
+  if cfg.remat != "none":
+    block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+  x_BxTxD = x_BxTxD.astype(DTYPES[cfg.dtype])
+  if cfg.scan_layers:
+    x_BxTxD, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
+                         metadata_params={nn.PARTITION_NAME: "layers"})(
+                             cfg, module.mesh, module.rules, name="blocks", parent=module)(
+                                 x_BxTxD, mask, positions_BxT)
+  else:
+    for i in range(cfg.n_layer):
+      x_BxTxD, _ = block(cfg, module.mesh, module.rules, name=f"block_{i}", parent=module)(
+          x_BxTxD, mask, positions_BxT)
+  return x_BxTxD
 
 
 class Stack(nn.Module):
@@ -204,19 +212,7 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
-    mask = document_mask(segment_ids_BxT)
-    block = Block
-    if cfg.remat != "none":
-      block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-    x_BxTxD = x_BxTxD.astype(DTYPES[cfg.dtype])
-    if cfg.scan_layers:
-      x_BxTxD, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                           metadata_params={nn.PARTITION_NAME: "layers"})(
-                               cfg, self.mesh, self.rules, name="blocks")(x_BxTxD, mask, positions_BxT)
-    else:
-      for i in range(cfg.n_layer):
-        x_BxTxD, _ = block(cfg, self.mesh, self.rules, name=f"block_{i}")(x_BxTxD, mask, positions_BxT)
+    x_BxTxD = run_blocks(self, x_BxTxD, segment_ids_BxT, positions_BxT)
     if not self.final_norm:
       return x_BxTxD
     h_BxTxD = RMSNorm(cfg.norm_eps, DTYPES[cfg.param_dtype], name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
