@@ -1,6 +1,6 @@
 """FineWeb-Edu pretraining at 1.3B parameters, 100B tokens (paper Table 5, last column).
 
-  get_config("gpt") | "nextlat_d1" (default) | "nextlat_d2"
+  get_config("gpt") | "nextlat_d1" (default) | "nextlat_d2" | "mtp_d{1,2,4}" | "jtp_d{1,2,4}"
 22 layers x 2048, 16 heads, context 1024, GPT-2 vocabulary padded to 50,304; 512 x 1024 tokens per
 step for 191k steps (100B tokens); AdamW lr 4e-4, weight decay 0.1, clip 1; WSD with a 1B-token
 warm-up (1,907 steps) and a 10B-token linear decay to 0 (19,073 steps); lambda_next_h = lambda_kl = 1;
@@ -18,6 +18,9 @@ PRESETS = {
     "gpt": dict(name="gpt", horizon=1),
     "nextlat_d1": dict(name="nextlat", horizon=1),
     "nextlat_d2": dict(name="nextlat", horizon=2),
+    # baselines (lambda_mtp = 1.0, as all FineWeb-Edu lambdas)
+    **{f"mtp_d{d}": dict(name="mtp", horizon=d, lambda_mtp=1.0) for d in (1, 2, 4)},
+    **{f"jtp_d{d}": dict(name="jtp", horizon=d, lambda_mtp=1.0) for d in (1, 2, 4)},
 }
 
 
