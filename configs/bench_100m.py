@@ -1,6 +1,10 @@
 """A ~100M-parameter NextLat model on the quickstart's street-grid data, for CPU benchmarks
 (`nextlat bench checkpoint`, remat / MFU measurements). 12 layers x 768 (GPT-2 small shape)."""
-from configs import quickstart
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quickstart  # noqa: E402  (the sibling config file)
 
 
 def get_config(arg: str | None = None):
