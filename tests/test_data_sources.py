@@ -348,3 +348,31 @@ def test_configs_resolve_and_validate(name, parquet_dir, prepared):
   assert resolved.data.eos_id == EOS and resolved.model.vocab_size == 50304
   with pytest.raises(config_lib.ConfigError, match=r"data\.path"):
     trainer.resolve(module.get_config())
+
+
+def test_trainer_logs_stream_counts(tmp_path):
+  """End to end: `nextlat train` on a parquet stream with bad rows writes the skip counts to metrics."""
+  import sys
+
+  from nextlat_jax.train import trainer
+  from tests.conftest import REPO
+  values = [b"good one two three", b"", b"bad \xff byte here", b"   ", b"good four five six"] * 40
+  pq.write_table(pa.table({"text": pa.array(values, pa.binary()).view(pa.string())}),
+                 tmp_path / "x.parquet", row_group_size=20)
+  sys.path.insert(0, str(REPO / "configs"))
+  import fineweb_edu_stream  # noqa: E402
+  c = fineweb_edu_stream.get_config()
+  c.data.update(path=str(tmp_path / "x.parquet"), tokenizer_path=GPT2_DIR, seq_len=16, chunk_docs=8,
+                shuffle_window=8)
+  c.model.update(d_model=32, n_layer=1, n_head=2, dtype="float32")
+  c.dynamics.hidden = 64
+  c.update(steps=4, batch_size=8, log_every=2, eval_every=0)
+  c.optimizer.update(warmup_steps=1, decay_steps=2)
+  c.checkpoint.every = 0
+  c.mesh.update(data=8, fsdp=1, tensor=1)
+  trainer.train(c, str(tmp_path / "run"))
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  counts = [r for r in rows if "data_skipped" in r]
+  assert [r["step"] for r in counts] == [2, 4]
+  assert counts[-1]["data_skipped"] > 0 and counts[-1]["data_invalid_utf8_replaced"] > 0
+  assert counts[-1]["data_documents"] >= counts[-1]["data_invalid_utf8_replaced"]

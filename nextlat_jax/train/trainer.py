@@ -173,6 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         clock.read(*pending, guard=guard)
       done = s + 1
       pending = (done, metrics, done % config.log_every == 0 or done == config.steps)
+      if pending[2] and (data_stats := data_iter.stats()):  # a stream's documents, skipped, invalid UTF-8
+        writer.write(done, {f"data_{k}": float(v) for k, v in data_stats.items()})
       if eval_ds is not None and (done % config.eval_every == 0 or done == config.steps):
         clock.read(*pending, guard=guard)
         pending = None
