@@ -1,0 +1,305 @@
+"""`nextlat bench step`: is NextLat's extra step time only its extra arithmetic?
+
+In one process and on one mesh, builds GPT and NextLat d = 1, 2, 8 (config.bench.horizons) train steps
+of the SAME model config on the SAME batch, compiles each ahead of time, warms each up, then times
+them interleaved round-robin (config.bench.rounds rounds, the variant order rotated each round,
+config.bench.steps_per_round steps per variant and round, `jax.block_until_ready` after each group).
+A jitted float32 matmul reference at the model's own matmul shapes runs in the same rounds.
+
+Reported per variant: median step time; model FLOPs per step (nextlat_jax.flops); the time ratio to GPT
+(median over rounds of the per-round ratio, so load drifts common to a round cancel); the FLOP ratio;
+their quotient; achieved FLOP/s; and achieved / matmul FLOP/s. Targets (from the issue): time ratio
+<= tolerance x FLOP ratio for every d, and GPT FLOP/s >= min_matmul_fraction x matmul FLOP/s.
+
+Rows: with config.data.name == "random" (configs/bench_step.py) random tokens are packed into documents
+separated by EOS (document ids, positions and loss masks as in nextlat_jax.data.packing); any other
+data config supplies real rows through nextlat_jax.data.pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nextlat_jax import config as config_lib
+from nextlat_jax import flops as flops_lib
+from nextlat_jax.data import packing
+from nextlat_jax.models.transformer import ffn_width
+from nextlat_jax.parallel.mesh import make_mesh, mesh_shape
+from nextlat_jax.train import step as step_lib
+
+BENCH_DEFAULTS = dict(horizons=(1, 2, 8), warmup_steps=2, rounds=10, steps_per_round=2, matmul_repeats=3,
+                      time_vs_flop_tolerance=1.03, min_matmul_fraction=0.5)
+SINGLE_DEVICE_MESH = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+
+
+def bench_settings(config: ml_collections.ConfigDict) -> dict:
+  out = dict(BENCH_DEFAULTS)
+  if "bench" in config:
+    out.update(config.bench.to_dict())
+  out["horizons"] = tuple(int(d) for d in out["horizons"])
+  return out
+
+
+def random_packed_rows(rng: np.random.Generator, batch: int, row_len: int, vocab: int, eos_id: int,
+                       mean_doc_len: int) -> np.ndarray:
+  """(batch, row_len) int32 tokens: uniform non-EOS tokens in documents of U[m/2, 3m/2] tokens, each
+  starting with an EOS (the EOS belongs to the following document); a row starts mid-document."""
+  tokens = rng.integers(0, vocab - 1, size=(batch, row_len), dtype=np.int64)
+  tokens = np.where(tokens >= eos_id, tokens + 1, tokens)  # skip the EOS id
+  lo, hi = max(1, mean_doc_len // 2), max(2, (3 * mean_doc_len) // 2 + 1)
+  for b in range(batch):
+    p = int(rng.integers(0, hi))
+    while p < row_len:
+      tokens[b, p] = eos_id
+      p += int(rng.integers(lo, hi))
+  return tokens.astype(np.int32)
+
+
+def _resolve(config: ml_collections.ConfigDict, num_devices: int) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """Fills vocab / EOS, validates for `num_devices`, and returns (config, local batch rows, row_len)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  B = int(config.batch_size)
+  data = config.get("data")
+  if data is None or data.get("name", "random") == "random":
+    data = data or ml_collections.ConfigDict(dict(seq_len=128, eos_id=0, mean_doc_len=64, context_length=-1))
+    vocab, eos = int(config.model.vocab_size), int(data.get("eos_id", 0))
+    config_lib.validate(config, num_devices)
+    if not 0 <= eos < vocab:
+      raise config_lib.ConfigError("data.eos_id", eos, f"must be in [0, model.vocab_size={vocab})")
+    L = int(data.seq_len) + 1
+    tokens = random_packed_rows(np.random.default_rng(int(config.seed)), B, L, vocab, eos,
+                                int(data.get("mean_doc_len", 64)))
+    ctx = int(data.get("context_length", -1))
+    rows = packing.pack_row_fields(tokens, eos, ctx if ctx >= 0 else None)
+    with config.unlocked():
+      config.data = ml_collections.ConfigDict(dict(data.to_dict(), name="random", eos_id=eos))
+    return config, rows, L
+  from nextlat_jax.data import pipeline
+  try:
+    info = pipeline.dataset_info(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.ConfigError("data", config.data.get("name"), str(e)) from None
+  with config.unlocked():
+    if not config.model.vocab_size:
+      config.model.vocab_size = info.vocab_size
+    config.data.eos_id = info.eos_id
+  config_lib.validate(config, num_devices, data_vocab=info.vocab_size)
+  ds = pipeline.make_dataset(config.data, split="train", global_batch_size=B, seed=int(config.seed),
+                             process_index=0, process_count=1)
+  return config, {k: np.asarray(v) for k, v in ds[0].items()}, info.row_len
+
+
+def _mesh_and_config(config: ml_collections.ConfigDict):
+  """config.mesh if it fits the devices and the batch, else a single-device mesh."""
+  n = jax.device_count()
+  try:
+    shape = mesh_shape(config.mesh, n)
+    fits = (all(s >= 1 for s in shape) and shape[0] * shape[1] * shape[2] == n
+            and int(config.batch_size) % (shape[0] * shape[1]) == 0)
+  except ValueError:
+    fits = False
+  if fits:
+    return make_mesh(config.mesh), config, n
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.update(SINGLE_DEVICE_MESH.to_dict())
+  return make_mesh(config.mesh, jax.devices()[:1]), config, 1
+
+
+def variant_configs(config: ml_collections.ConfigDict, horizons: tuple[int, ...]) -> list[tuple[str, Any]]:
+  out = []
+  for name, d in [("gpt", 0)] + [("nextlat", d) for d in horizons]:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.objective.name = name
+    if d:
+      c.objective.horizon = d
+    out.append(("GPT" if name == "gpt" else f"NextLat d={d}", c))
+  return out
+
+
+def matmul_reference(config: ml_collections.ConfigDict, tokens: int):
+  """A jitted float32 function of independent matmuls at the trunk's and head's forward shapes
+  (tokens x D @ D x 3D, D x D, D x 2F, tokens x F @ F x D, tokens x D @ D x V); returns (fn, args, flops)."""
+  m = config.model
+  D, V = int(m.d_model), int(m.vocab_size)
+  F = int(m.get("ffn_width", 0) or 0) or ffn_width(D)
+  keys = jax.random.split(jax.random.PRNGKey(1), 7)
+  x = jax.random.normal(keys[0], (tokens, D), jnp.float32)
+  f = jax.random.normal(keys[1], (tokens, F), jnp.float32)
+  ws = [jax.random.normal(k, s, jnp.float32) * 0.02
+        for k, s in zip(keys[2:], [(D, 3 * D), (D, D), (D, 2 * F), (F, D), (D, V)])]
+
+  def fn(x, f, w_qkv, w_out, w_in, w_mlp_out, w_head):
+    return x @ w_qkv, x @ w_out, x @ w_in, f @ w_mlp_out, x @ w_head
+
+  flops = 2.0 * tokens * (D * 3 * D + D * D + D * 2 * F + F * D + D * V)
+  return jax.jit(fn), (x, f, *ws), flops
+
+
+def machine_info() -> dict:
+  model = platform.processor()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), model)
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return dict(nproc=os.cpu_count(), cpu=model, jax=jax.__version__, backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()], device_kind=jax.devices()[0].device_kind)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """Runs the benchmark; returns the results dict (also printed as a table by `main`)."""
+  s = bench_settings(config)
+  mesh, config, ndev = _mesh_and_config(config)
+  config, local_rows, L = _resolve(config, ndev)
+  B = int(config.batch_size)
+  rng = jax.random.PRNGKey(int(config.seed))
+
+  variants = []
+  for label, c in variant_configs(config, s["horizons"]):
+    config_lib.validate(c, ndev)
+    setup = step_lib.build(c, mesh)
+    t0 = time.perf_counter()
+    compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
+    compile_s = time.perf_counter() - t0
+    batch = step_lib.global_batch(local_rows, setup.batch_sharding)
+    state = setup.init(rng)
+    for _ in range(int(s["warmup_steps"])):
+      state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    variants.append(dict(label=label, config=c, compiled=compiled, state=state, batch=batch,
+                         flops=flops_lib.train_flops_per_step(c, L, B), compile_s=compile_s,
+                         loss=float(metrics["loss"]), times=[], cpu_times=[]))
+
+  mm_fn, mm_args, mm_flops = matmul_reference(config, B * (L - 1))
+  jax.block_until_ready(mm_fn(*mm_args))
+  mm_times: list[float] = []
+
+  def time_variant(v: dict) -> None:
+    k = int(s["steps_per_round"])
+    state = v["state"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(k):
+      state, metrics = v["compiled"](state, v["batch"], rng)
+    jax.block_until_ready((state, metrics))
+    v["times"].append((time.perf_counter() - t0) / k)
+    v["cpu_times"].append((time.process_time() - c0) / k)
+    v["state"] = state
+
+  def time_matmul() -> None:
+    k = int(s["matmul_repeats"])
+    t0 = time.perf_counter()
+    for _ in range(k):
+      out = mm_fn(*mm_args)
+    jax.block_until_ready(out)
+    mm_times.append((time.perf_counter() - t0) / k)
+
+  jobs = [lambda v=v: time_variant(v) for v in variants] + [time_matmul]
+  for r in range(int(s["rounds"])):
+    for j in range(len(jobs)):
+      jobs[(j + r) % len(jobs)]()
+
+  mm_rate = mm_flops / float(np.median(mm_times))
+  gpt = variants[0]
+  tol, frac = float(s["time_vs_flop_tolerance"]), float(s["min_matmul_fraction"])
+  rows = []
+  for v in variants:
+    t = np.asarray(v["times"])
+    time_ratio = float(np.median(t / np.asarray(gpt["times"])))  # paired per round
+    flop_ratio = v["flops"]["total"] / gpt["flops"]["total"]
+    med = float(np.median(t))
+    rows.append(dict(
+        variant=v["label"], objective=v["config"].objective.name,
+        horizon=int(v["config"].objective.horizon) if v["config"].objective.name == "nextlat" else 0,
+        step_ms=med * 1e3, step_ms_p25=float(np.percentile(t, 25)) * 1e3,
+        step_ms_p75=float(np.percentile(t, 75)) * 1e3, step_ms_all=[x * 1e3 for x in t],
+        step_ms_min=float(t.min()) * 1e3,
+        flops=v["flops"]["total"], flops_breakdown=v["flops"], time_ratio=time_ratio,
+        time_ratio_of_medians=med / float(np.median(gpt["times"])),
+        time_ratio_of_mins=float(t.min()) / float(np.min(gpt["times"])),
+        cpu_ms=float(np.median(v["cpu_times"])) * 1e3,
+        cpu_time_ratio=float(np.median(np.asarray(v["cpu_times"]) / np.asarray(gpt["cpu_times"]))),
+        flop_ratio=flop_ratio, time_over_flop_ratio=time_ratio / flop_ratio,
+        flops_per_s=v["flops"]["total"] / med, matmul_fraction=v["flops"]["total"] / med / mm_rate,
+        compile_s=v["compile_s"], loss_after_warmup=v["loss"]))
+  targets = [dict(name=f"{r['variant']}: time ratio <= {tol:g} x FLOP ratio",
+                  value=r["time_over_flop_ratio"], limit=tol, passed=r["time_over_flop_ratio"] <= tol)
+             for r in rows[1:]]
+  targets.append(dict(name=f"GPT FLOP/s >= {frac:g} x matmul FLOP/s", value=rows[0]["matmul_fraction"],
+                      limit=frac, passed=rows[0]["matmul_fraction"] >= frac))
+  m = config.model
+  return dict(
+      machine=machine_info(), mesh=dict(mesh.shape), batch_rows=B, row_len=L,
+      model=dict(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head, vocab_size=m.vocab_size,
+                 ffn_width=int(m.ffn_width or ffn_width(int(m.d_model))), dynamics_hidden=config.dynamics.hidden,
+                 dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+                 remat_rollout=bool(config.objective.get("remat_rollout", False))),
+      bench=dict(s), matmul=dict(flops=mm_flops, ms=float(np.median(mm_times)) * 1e3,
+                                 ms_all=[x * 1e3 for x in mm_times], flops_per_s=mm_rate),
+      variants=rows, targets=targets, passed=all(t["passed"] for t in targets))
+
+
+def format_table(res: dict) -> str:
+  mi = res["machine"]
+  lines = [f"machine: {mi['nproc']} CPUs, {mi['cpu']}, jax {mi['jax']} ({mi['backend']}); mesh {res['mesh']}",
+           f"model: {res['model']}; batch {res['batch_rows']} rows x {res['row_len']} tokens",
+           f"rounds {res['bench']['rounds']} x {res['bench']['steps_per_round']} steps per variant "
+           "(interleaved); medians; time ratio = median of per-round ratios to GPT",
+           "",
+           "| variant | step ms (p25-p75) | GFLOP/step | time ratio | FLOP ratio | time/FLOP ratio "
+           "| GFLOP/s | / matmul |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in res["variants"]:
+    lines.append(f"| {r['variant']} | {r['step_ms']:.1f} ({r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}) "
+                 f"| {r['flops'] / 1e9:.2f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} "
+                 f"| {r['time_over_flop_ratio']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['matmul_fraction']:.2f} |")
+  lines += ["", "time/FLOP ratio by other estimators (noise checks): "
+            + "; ".join(f"{r['variant']}: ratio of medians {r['time_ratio_of_medians'] / r['flop_ratio']:.3f}, "
+                        f"of minima {r['time_ratio_of_mins'] / r['flop_ratio']:.3f}, "
+                        f"process CPU time {r['cpu_time_ratio'] / r['flop_ratio']:.3f}" for r in res["variants"][1:])]
+  mm = res["matmul"]
+  lines += ["", f"matmul reference (model forward shapes, float32, jitted): {mm['ms']:.2f} ms for "
+            f"{mm['flops'] / 1e9:.2f} GFLOP = {mm['flops_per_s'] / 1e9:.1f} GFLOP/s", ""]
+  for t in res["targets"]:
+    lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']}  ({t['value']:.3f} vs {t['limit']:g})")
+  return "\n".join(lines)
+
+
+def _flag_workdir() -> str | None:
+  try:
+    from absl import flags
+    return flags.FLAGS.workdir if flags.FLAGS.is_parsed() and "workdir" in flags.FLAGS else None
+  except Exception:  # noqa: BLE001 - absl absent or flags not defined: no workdir
+    return None
+
+
+def main(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Runs the benchmark, prints the table and PASS/FAIL lines; writes bench_step.json to the workdir
+  (the argument, else --workdir when the CLI defined and parsed it)."""
+  res = run(config)
+  print(format_table(res), flush=True)
+  workdir = workdir or _flag_workdir()
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "bench_step.json")
+    with open(path, "w") as f:
+      json.dump(res, f, indent=2)
+    print(f"wrote {path}")
+  return res
+
+
+def command(argv: list[str]) -> None:
+  """`nextlat bench step --config=... [--workdir=DIR]` (the CLI's shared --config and --workdir)."""
+  del argv
+  from absl import app, flags
+  if flags.FLAGS.config is None:
+    raise app.UsageError("bench step needs --config (e.g. --config=configs/bench_step.py)")
+  main(flags.FLAGS.config, flags.FLAGS.workdir)

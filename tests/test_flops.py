@@ -1,0 +1,132 @@
+"""nextlat_jax.flops: the analytic FLOP model against hand arithmetic and against XLA's own count."""
+import importlib.util
+
+import jax
+import ml_collections
+import pytest
+
+from nextlat_jax import flops
+from nextlat_jax.config import base_config, validate
+from nextlat_jax.parallel.mesh import make_mesh
+from nextlat_jax.train import step as step_lib
+
+from tests.conftest import REPO
+
+
+def _config(name: str, horizon: int = 1, **model) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.model.update(dict(dict(vocab_size=32, d_model=8, n_layer=2, n_head=2, ffn_width=16), **model))
+  c.dynamics.hidden = 16
+  c.objective.update(name=name, horizon=horizon)
+  c.data = ml_collections.ConfigDict(dict(eos_id=0))
+  return c
+
+
+def test_matmul_params_by_hand():
+  # D=8, F=16, V=32, H=16: qkv 3·64, out 64, mlp_in 2·8·16, mlp_out 16·8; p_psi 2·8·16 + 16² + 16·8.
+  p = flops.matmul_params(_config("gpt"))
+  assert (p["layer_qkv"], p["layer_out"], p["layer_mlp_in"], p["layer_mlp_out"]) == (192, 64, 256, 128)
+  assert p["layer"] == 640 and p["trunk"] == 1280 and p["head"] == 256 and p["dynamics"] == 640
+
+
+def test_default_ffn_width_and_spec_counts():
+  # Path-Star (METHOD.md §7): 12 layers, D=384 -> H_ff 1024; block 1,770,240 minus the 2 norms (768).
+  c = base_config()
+  c.model.update(vocab_size=106, d_model=384, n_layer=12, n_head=6)
+  c.dynamics.hidden = 384
+  p = flops.matmul_params(c)
+  assert p["layer"] == 1_770_240 - 2 * 384
+  assert p["dynamics"] == 590_592 - 2 * 384  # p_psi minus its 2D norm weight
+
+
+def test_gpt_flops_by_hand():
+  # B=3 rows of L=5 tokens; GPT feeds T=4 tokens per row.
+  f = flops.train_flops_per_step(_config("gpt"), row_len=5, batch=3)
+  assert f["trunk_tokens"] == 4
+  assert f["trunk"] == 3 * 2 * 1280 * 4 * 3  # 92,160
+  assert f["attention"] == 3 * 4 * 4 * 4 * 8 * 2 * 3  # 3 · 4·T²·D · layers · B = 9,216
+  assert f["head"] == 3 * 2 * 256 * 4 * 3  # 18,432
+  assert f["dynamics"] == 0 and f["kl_head"] == 0
+  assert f["total"] == 92_160 + 9_216 + 18_432
+  assert f["forward"] * 3 == f["total"]
+
+
+def test_nextlat_flops_by_hand():
+  # NextLat d=2 feeds T=L=5; dynamics over (L-1)+(L-2) = 7 positions per row, KL head over 3+2 = 5.
+  f = flops.train_flops_per_step(_config("nextlat", horizon=2), row_len=5, batch=3)
+  assert f["trunk_tokens"] == 5
+  assert f["trunk"] == 6 * 1280 * 5 * 3  # 115,200
+  assert f["attention"] == 12 * 5 * 5 * 8 * 2 * 3  # 14,400
+  assert f["head"] == 6 * 256 * 4 * 3  # CE over L-1 positions: 18,432
+  assert f["dynamics"] == 6 * 640 * 7 * 3  # 80,640
+  assert f["kl_head"] == 4 * 256 * 5 * 3  # forward + backward-to-ĥ only: 15,360
+  assert f["total"] == 115_200 + 14_400 + 18_432 + 80_640 + 15_360
+  assert f["forward"] == (115_200 + 14_400 + 18_432) / 3 + 2 * 640 * 21 + 2 * 256 * 15
+
+
+def _bench_config(arg=None):
+  spec = importlib.util.spec_from_file_location("bench_step_config", REPO / "configs" / "bench_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_bench_config_valid_and_extra_flops_about_20_percent():
+  """The issue's model (6 x 384, V=4096, H_psi=768, 256-token rows): NextLat d=1 costs ~+20% FLOPs."""
+  c = _bench_config()
+  validate(c, 1)
+  L, B = c.data.seq_len + 1, c.batch_size
+  gpt = flops.train_flops_per_step(dict_with(c, name="gpt"), L, B)["total"]
+  ratios = [flops.train_flops_per_step(dict_with(c, name="nextlat", horizon=d), L, B)["total"] / gpt
+            for d in (1, 2, 8)]
+  assert 1.15 < ratios[0] < 1.25 and ratios[0] < ratios[1] < ratios[2]
+
+
+def dict_with(c, **objective):
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.objective.update(objective)
+  return c
+
+
+def test_horizon_too_long_raises():
+  with pytest.raises(ValueError, match="horizon"):
+    flops.train_flops_per_step(_config("nextlat", horizon=4), row_len=5, batch=1)
+
+
+@pytest.mark.parametrize("name,horizon", [("gpt", 1), ("nextlat", 1), ("nextlat", 3)])
+def test_matches_xla_cost_analysis(name, horizon):
+  """XLA's flop count of the compiled float32 train step is within 15% of the analytic one.
+
+  Layers are unrolled (scan_layers=False): XLA's cost analysis counts a while-loop body once, so with
+  the scanned trunk it would see one layer instead of n_layer. XLA counts elementwise work too (norms,
+  softmaxes, GELU, losses, AdamW), 1 flop per element op, so it sits a few percent above the matmul-only
+  model (about +3-5% at this size); XLA's dot count is 2 flops per multiply-add, like ours.
+  """
+  c = _config(name, horizon, vocab_size=512, d_model=128, n_layer=2, n_head=4, ffn_width=0,
+              scan_layers=False)
+  c.dynamics.hidden = 256
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  validate(c, 1)
+  mesh = make_mesh(c.mesh, jax.devices()[:1])
+  setup = step_lib.build(c, mesh)
+  B, L = 4, 65
+  compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ours = flops.train_flops_per_step(c, L, B)["total"]
+  assert 1.0 <= cost["flops"] / ours < 1.15, (cost["flops"], ours)
+
+
+def test_bench_step_smoke(tmp_path):
+  """The benchmark runs end to end on the tiny preset and reports consistent FLOPs and targets."""
+  import json
+
+  from nextlat_jax.bench import step as bench_step
+  c = _bench_config("smoke")
+  c.bench.update(horizons=(1,), rounds=1, steps_per_round=1, warmup_steps=1)
+  res = bench_step.main(c, workdir=str(tmp_path))
+  assert [v["variant"] for v in res["variants"]] == ["GPT", "NextLat d=1"]
+  L, B = c.data.seq_len + 1, c.batch_size
+  assert res["variants"][1]["flops"] == flops.train_flops_per_step(dict_with(c, horizon=1), L, B)["total"]
+  assert len(res["targets"]) == 2 and all(v["step_ms"] > 0 for v in res["variants"])
+  assert json.loads((tmp_path / "bench_step.json").read_text())["row_len"] == L
