@@ -37,6 +37,7 @@ class DatasetInfo:
   eos_id: int
   pad_id: int
   row_len: int
+  extra_fields: tuple[str, ...] = ()  # row fields beyond the batch contract, e.g. ('labels',) for A5
 
 
 # data.name -> module providing `info(data_cfg) -> DatasetInfo` and

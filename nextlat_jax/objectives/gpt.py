@@ -39,7 +39,8 @@ def build(config: Any, mesh: Any = None) -> Objective:
     h_BxTxD = forward(params, batch)
     logits_BxTxV = unembed(h_BxTxD, params["trunk"]["head"], dtype)
     mask_BxT = batch["loss_mask"][:, 1:]
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, batch["tokens"][:, 1:]), mask_BxT)
+    targets_BxT = batch.get("labels", batch["tokens"])[:, 1:]  # task labels (A5) or the next tokens
+    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), mask_BxT)
     return ce, {"loss": ce, "ce": ce}
 
   return Objective("gpt", init, loss, forward, {"trunk": trunk})

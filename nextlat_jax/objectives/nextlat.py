@@ -66,7 +66,8 @@ def build(config: Any, mesh: Any = None) -> Objective:
     head_DxV = params["trunk"]["head"]
     logits_BxTxV = unembed(h_BxTxD[:, :-1], head_DxV, dtype)  # position t predicts x_{t+1}
     m_tok_BxT = batch["loss_mask"][:, 1:].astype(bool)
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, x_BxT[:, 1:]), m_tok_BxT)
+    targets_BxT = batch.get("labels", x_BxT)[:, 1:]  # task labels (A5) or the next tokens
+    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), m_tok_BxT)
     teacher_BxTxV = jax.lax.stop_gradient(logits_BxTxV)
     valid_BxT = batch["segment_ids"] >= 0
 

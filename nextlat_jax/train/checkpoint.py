@@ -101,7 +101,7 @@ class BackgroundSaver:
     self.wait()
     data = _FrozenDataState(data_iter.get_state())
     if self.snapshot_on_device:
-      state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), state)
+      state = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), state)
       self._future = self._pool.submit(save, self.mgr, step, state, data, config, force=force)
     else:
       save(self.mgr, step, state, data, config, force=force)

@@ -17,6 +17,7 @@ from nextlat_jax.parallel import sharding
 from nextlat_jax.train.optimizer import make_optimizer
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
+EXTRA_KEYS = ("labels",)  # optional task fields: `labels` = CE targets by column (A5), default tokens
 
 
 @flax.struct.dataclass
@@ -99,9 +100,9 @@ class Setup:
   step: Any  # jitted (state, batch, rng) -> (state, metrics), state donated
   eval: Any  # jitted (params, batch, rng) -> metrics
 
-  def abstract_batch(self, global_batch: int, row_len: int) -> dict:
+  def abstract_batch(self, global_batch: int, row_len: int, extra_fields: tuple[str, ...] = ()) -> dict:
     return {k: jax.ShapeDtypeStruct((global_batch, row_len), jnp.int32, sharding=self.batch_sharding)
-            for k in BATCH_KEYS}
+            for k in BATCH_KEYS + tuple(extra_fields)}
 
   def abstract_rng(self) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(self.mesh))
@@ -142,4 +143,5 @@ def build(config: Any, mesh: Mesh) -> Setup:
 
 def global_batch(local: dict, batch_sh: NamedSharding) -> dict:
   """This process's rows -> global jax.Arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in BATCH_KEYS}
+  keys = BATCH_KEYS + tuple(k for k in EXTRA_KEYS if k in local)
+  return {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in keys}

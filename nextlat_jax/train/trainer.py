@@ -130,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log.info("mesh %s; objective %s; parameters %s", dict(mesh.shape), config.objective.name,
                {k: param_count(v) for k, v in setup.abstract_state.params.items()})
   B, L = int(config.batch_size), info.row_len
-  compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
+  compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L, info.extra_fields), setup.abstract_rng()).compile()
   memory = log_memory(compiled)
 
   data_kw = dict(global_batch_size=B, seed=int(config.seed), process_index=jax.process_index(),
