@@ -157,7 +157,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preemption, guard = Preemption(), config.nan_guard
   pending, saved = None, start
   config_dict = json.loads(config.to_json())
-  saver = mgr and checkpoint.BackgroundSaver(mgr, bool(config.checkpoint.snapshot_on_device))
+  # Multi-process saves stay on the main thread: Orbax's cross-process barriers must run in the same
+  # order relative to the training collectives on every process.
+  background = bool(config.checkpoint.snapshot_on_device) and jax.process_count() == 1
+  saver = mgr and checkpoint.BackgroundSaver(mgr, background)
 
   def save(step: int, force: bool = False) -> int:
     if mgr is None or step == saved:
