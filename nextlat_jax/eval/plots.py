@@ -1,0 +1,97 @@
+"""PNG plots of evaluation results (matplotlib, Agg backend): training curves, the singular-value
+spectrum behind the effective rank, accuracy by length, probe CE by offset."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVE_KEYS = ("loss", "ce", "eval_loss", "eval_ce", "next_h", "kl", "lr", "grad_norm")
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Rows of a metrics.jsonl (blank or truncated trailing lines skipped)."""
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def training_curves(metrics_jsonl: str, path: str, keys: Sequence[str] = CURVE_KEYS) -> str:
+  """One panel per logged key (train and eval losses share the loss panels), against the step."""
+  rows = read_metrics(metrics_jsonl)
+  series = {k: [(r["step"], r[k]) for r in rows if k in r and "step" in r and r[k] is not None] for k in keys}
+  panels = [k for k in keys if series[k] and not k.startswith("eval_")]
+  if not panels:
+    panels = [k for k in keys if series[k]]
+  if not panels:
+    raise ValueError(f"{metrics_jsonl}: none of {list(keys)} is logged")
+  cols = min(3, len(panels))
+  n_rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(n_rows, cols, figsize=(3.8 * cols, 3.0 * n_rows), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax, k in zip(axes.flat, panels):
+    for name in (k, f"eval_{k}"):
+      if series.get(name):
+        steps, values = zip(*series[name])
+        ax.plot(steps, values, marker="o" if name.startswith("eval_") else None, ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_title(k)
+    if k in ("lr",):
+      ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def spectrum(sigma: Sequence[float], path: str, title: str = "singular values") -> str:
+  """Singular values (descending) on a log scale."""
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  values = [s for s in sigma if s > 0]
+  ax.semilogy(range(1, len(values) + 1), values)
+  ax.set_xlabel("index k")
+  ax.set_ylabel("sigma_k")
+  ax.set_title(title)
+  return _save(fig, path)
+
+
+def accuracy_by_length(acc: Mapping, path: str, title: str = "accuracy by length", xlabel: str = "length",
+                       ylabel: str = "accuracy (%)") -> str:
+  """acc: {length: value} or {series name: {length: value}} (several lines)."""
+  if not acc:
+    raise ValueError("accuracy_by_length: nothing to plot")
+  nested = all(isinstance(v, Mapping) for v in acc.values())
+  series = acc if nested else {"": acc}
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  for name, values in series.items():
+    xs = sorted(values, key=float)
+    ax.plot([float(x) for x in xs], [values[x] for x in xs], marker="o", ms=3, label=name or None)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  if nested:
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def probe_ce(ce_by_offset: Mapping, path: str, title: str = "probe CE by offset",
+             ylabel: str = "CE (nats)") -> str:
+  """ce_by_offset: {offset: value} or {model name: {offset: value}}."""
+  return accuracy_by_length(ce_by_offset, path, title=title, xlabel="offset k", ylabel=ylabel)
