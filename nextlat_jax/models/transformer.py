@@ -167,15 +167,22 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array, positions_BxT: Array):
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
     pdtype = DTYPES[cfg.param_dtype]
-    table_VxD = self.param("embed", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
-                           pdtype)
-    self.param("head", _init(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), pdtype)
-    # Gather from a replicated copy (as FSDP gathers every weight) so the lookup shards like the batch.
-    e_BxTxD = jnp.take(c(table_VxD, (None, None)), tokens_BxT, axis=0)
-    e_BxTxD = c(e_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    e_BxTxD = embed_with_head(self, tokens_BxT)
     x_BxTxD = run_blocks(self, e_BxTxD, segment_ids_BxT, positions_BxT)
     h_BxTxD = RMSNorm(cfg.norm_eps, pdtype, name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
     return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed")), e_BxTxD
+
+
+def embed_with_head(module: nn.Module, tokens_BxT: Array) -> Array:
+  """Declares `embed` (V, D) and `head` (D, V) in `module`'s scope and returns E[x]."""
+  cfg, c = module.cfg, Constrain(module.mesh, module.rules)
+  pdtype = DTYPES[cfg.param_dtype]
+  table_VxD = module.param("embed", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
+                           pdtype)
+  module.param("head", _init(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), pdtype)
+  # Gather from a replicated copy (as FSDP gathers every weight) so the lookup shards like the batch.
+  e_BxTxD = jnp.take(c(table_VxD, (None, None)), tokens_BxT, axis=0)
+  return c(e_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:

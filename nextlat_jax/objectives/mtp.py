@@ -29,8 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.models.transformer import (DTYPES, Block, Constrain, ModelConfig, RMSNorm, Stack, _init,
-                                            _remat_policy, document_mask, unembed)
+from nextlat_jax.models.transformer import (embed_with_head, DTYPES, Block, ModelConfig, RMSNorm, Stack, _remat_policy, document_mask, unembed)
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
@@ -54,13 +53,8 @@ class MTPTrunk(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array, positions_BxT: Array):
-    cfg, c = self.cfg, Constrain(self.mesh, self.rules)
-    pdtype = DTYPES[cfg.param_dtype]
-    table_VxD = self.param("embed", _init(cfg.init_std, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
-                           pdtype)
-    self.param("head", _init(cfg.init_std, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), pdtype)
-    e_BxTxD = jnp.take(c(table_VxD, (None, None)), tokens_BxT, axis=0)
-    e_BxTxD = c(e_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    cfg = self.cfg
+    e_BxTxD = embed_with_head(self, tokens_BxT)
     stack_cfg = dataclasses.replace(cfg, n_layer=cfg.n_layer - 1)
     z_BxTxD = Stack(stack_cfg, self.mesh, self.rules, final_norm=False, name="stack")(
         e_BxTxD, segment_ids_BxT, positions_BxT)
