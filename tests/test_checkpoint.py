@@ -40,6 +40,8 @@ def _losses(workdir) -> dict[int, float]:
   path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(path):
     for line in open(path):
+      if not line.endswith("\n"):  # being written right now
+        break
       row = json.loads(line)
       if "loss" in row:
         out[row["step"]] = row["loss"]
@@ -200,3 +202,13 @@ def test_nan_guard(tmp_path, guard):
     setup = _setup(config, jax.devices()[:1])
     params, _ = checkpoint.restore_params(str(tmp_path / "checkpoints"), setup.abstract_state.params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_metrics_writer_repairs_a_line_torn_by_a_kill(tmp_path):
+  from nextlat_jax.train.metrics_writer import MetricsWriter
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+  w = MetricsWriter(str(tmp_path), enabled=True, total_steps=4, initial_step=1)
+  w.write(2, {"loss": 1.5})
+  w.close()
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
