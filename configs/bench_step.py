@@ -1,4 +1,4 @@
-"""`nextlat bench step`: GPT vs NextLat d=1, 2, 8 train-step time on one model and one batch.
+"""`nextlat bench step`: GPT vs NextLat, MTP, JTP d=1, 2, 8 and BST train-step time on one model and one batch.
 
 The issue's benchmark model: 6 layers, D=384, 6 heads, a 4k vocabulary (4096), SwiGLU width 1024,
 p_psi hidden 768 (= 2D), float32. Rows are random tokens packed into documents separated by EOS
@@ -6,6 +6,7 @@ p_psi hidden 768 (= 2D), float32. Rows are random tokens packed into documents s
 2 rows per step make one GPT step take about half a second on a 2-core CPU.
 
   nextlat bench step --config=configs/bench_step.py [--workdir=DIR]   # DIR/bench_step.json
+  nextlat bench step --config=configs/bench_step.py:nextlat            # GPT vs NextLat only
   nextlat bench step --config=configs/bench_step.py:smoke              # tiny model, seconds
 
 Any trainable config works too (e.g. configs/quickstart.py): its own data pipeline then supplies the
@@ -33,7 +34,9 @@ def get_config(arg: str | None = None):
       context_length=-1,  # < 0: no prompt masking (every next token is a CE target)
   ))
   c.bench = ml_collections.ConfigDict(dict(
-      horizons=(1, 2, 8),  # NextLat variants, compared with GPT
+      objectives=("nextlat", "mtp", "jtp", "bst"),  # compared with GPT; "mtp_deepseek" also known
+      horizons=(1, 2, 8),  # for every objective with a horizon
+      bst_pair_fraction=0.1,  # BST keeps 10% of its pairs (EOS-touching first): the paper's throughput run
       warmup_steps=2,  # per variant, after compiling
       rounds=20,  # round-robin rounds over the variants (order rotated each round)
       steps_per_round=1,  # steps of one variant per round, timed together
@@ -41,12 +44,14 @@ def get_config(arg: str | None = None):
       time_vs_flop_tolerance=1.03,  # target: time ratio <= tolerance * FLOP ratio
       min_matmul_fraction=0.5,  # target: GPT FLOP/s >= this * matmul FLOP/s
   ))
-  if arg == "smoke":  # a tiny model for a quick check of the bench itself
+  if arg == "nextlat":
+    c.bench.objectives = ("nextlat",)
+  elif arg == "smoke":  # a tiny model for a quick check of the bench itself
     c.batch_size = 2
     c.model.update(vocab_size=256, d_model=64, n_layer=2, n_head=2)
     c.dynamics.hidden = 128
     c.data.update(seq_len=32, mean_doc_len=8)
     c.bench.update(warmup_steps=1, rounds=2, steps_per_round=1, matmul_repeats=1)
   elif arg:
-    raise ValueError(f"configs/bench_step.py: unknown preset {arg!r} (known: smoke)")
+    raise ValueError(f"configs/bench_step.py: unknown preset {arg!r} (known: nextlat, smoke)")
   return c

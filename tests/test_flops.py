@@ -123,10 +123,15 @@ def test_bench_step_smoke(tmp_path):
 
   from nextlat_jax.bench import step as bench_step
   c = _bench_config("smoke")
-  c.bench.update(horizons=(1,), rounds=1, steps_per_round=1, warmup_steps=1)
+  c.bench.update(objectives=("nextlat", "jtp", "bst"), horizons=(1,), rounds=1, steps_per_round=1,
+                 warmup_steps=1)
   res = bench_step.main(c, workdir=str(tmp_path))
-  assert [v["variant"] for v in res["variants"]] == ["GPT", "NextLat d=1"]
+  assert [v["variant"] for v in res["variants"]] == ["GPT", "NextLat d=1", "JTP d=1", "BST"]
   L, B = c.data.seq_len + 1, c.batch_size
   assert res["variants"][1]["flops"] == flops.train_flops_per_step(dict_with(c, horizon=1), L, B)["total"]
+  assert res["variants"][2]["flops"] == flops.train_flops_per_step(dict_with(c, name="jtp", horizon=1), L, B)["total"]
+  bst = flops.train_flops_per_step(dict_with(c, name="bst", bst_pair_fraction=0.1), L, B)
+  assert res["variants"][3]["flops"] == bst["total"] and bst["pairs"] < 0.2 * L * L / 2
+  assert res["variants"][3]["paper_time_ratio"] == pytest.approx(3.09 / 0.89)
   assert len(res["targets"]) == 2 and all(v["step_ms"] > 0 for v in res["variants"])
   assert json.loads((tmp_path / "bench_step.json").read_text())["row_len"] == L
