@@ -135,3 +135,41 @@ def test_bench_step_smoke(tmp_path):
   assert res["variants"][3]["paper_time_ratio"] == pytest.approx(3.09 / 0.89)
   assert len(res["targets"]) == 2 and all(v["step_ms"] > 0 for v in res["variants"])
   assert json.loads((tmp_path / "bench_step.json").read_text())["row_len"] == L
+
+
+def test_device_check_script_fits_the_batch_on_cpu(tmp_path):
+  """launch/device_check.sh on the tiny preset: the batch is halved until the NextLat step's compiled
+  memory fits the (pretend) device budget, and the timed variants use that batch."""
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(["bash", "launch/device_check.sh", str(tmp_path), "--config=configs/device_check.py:smoke"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads((tmp_path / "bench_step.json").read_text())
+  fit = res["fit"]
+  assert [f["batch_rows"] for f in fit] == [8 >> i for i in range(len(fit))]
+  assert fit[-1]["gib"] <= fit[-1]["budget_gib"] < fit[0]["gib"]
+  assert all(f["gib"] > f["budget_gib"] for f in fit[:-1])
+  assert res["batch_rows"] == fit[-1]["batch_rows"]
+  assert [v["variant"] for v in res["variants"]] == ["GPT", "NextLat d=1"]
+  assert abs(res["variants"][1]["memory_gib"] - fit[-1]["gib"]) < 1e-6
+
+
+def test_bench_variants_cover_objectives_horizons_and_remats():
+  from nextlat_jax.bench import step as bench_step
+  c = _bench_config()
+  s = bench_step.bench_settings(c)
+  labels = [label for label, _ in bench_step.variant_configs(c, s)]
+  assert labels == ["GPT", *[f"{o} d={d}" for o in ("NextLat", "MTP", "JTP") for d in (1, 2, 8)], "BST"]
+  s = dict(s, objectives=("nextlat",), horizons=(2,), remats=("none", "full"))
+  vs = bench_step.variant_configs(c, s)
+  assert [(l, v.objective.name, v.objective.horizon, v.model.remat) for l, v in vs] == [
+      ("GPT [remat=none]", "gpt", 1, "none"), ("NextLat d=2 [remat=none]", "nextlat", 2, "none"),
+      ("GPT [remat=full]", "gpt", 1, "full"), ("NextLat d=2 [remat=full]", "nextlat", 2, "full")]
+  c.bench.remats = ("fastest",)
+  with pytest.raises(ValueError, match="bench.remats='fastest'"):
+    bench_step.bench_settings(c)

@@ -35,11 +35,13 @@ import numpy as np
 from nextlat_jax import config as config_lib
 from nextlat_jax import flops as flops_lib
 from nextlat_jax.data import packing
-from nextlat_jax.models.transformer import ffn_width
+from nextlat_jax.models.transformer import REMAT_POLICIES, ffn_width
 from nextlat_jax.parallel.mesh import make_mesh, mesh_shape
 from nextlat_jax.train import step as step_lib
+from nextlat_jax.train.mfu import peak_flops_per_device
 
-BENCH_DEFAULTS = dict(objectives=("nextlat",), horizons=(1, 2, 8), bst_pair_fraction=0.1, warmup_steps=2, rounds=10, steps_per_round=2, matmul_repeats=3,
+BENCH_DEFAULTS = dict(objectives=("nextlat",), horizons=(1, 2, 8), remats=(), bst_pair_fraction=0.1,
+                      fit_batch=False, memory_limit_gib=0.0, memory_fraction=0.95, warmup_steps=2, rounds=10, steps_per_round=2, matmul_repeats=3,
                       time_vs_flop_tolerance=1.03, min_matmul_fraction=0.5)
 HORIZON_OBJECTIVES = {"nextlat": "NextLat", "mtp": "MTP", "jtp": "JTP", "mtp_deepseek": "DeepSeek MTP"}
 # Paper Table 4 (BASELINES.md section 8): steps/s on one B200, 1.3B model, 33k-token batch.
@@ -55,6 +57,10 @@ def bench_settings(config: ml_collections.ConfigDict) -> dict:
     out.update(config.bench.to_dict())
   out["horizons"] = tuple(int(d) for d in out["horizons"])
   out["objectives"] = tuple(str(o) for o in out["objectives"])
+  out["remats"] = tuple(str(r) for r in out["remats"])
+  for r in out["remats"]:
+    if r not in REMAT_POLICIES:
+      raise config_lib.ConfigError("bench.remats", r, f"unknown (known: {', '.join(REMAT_POLICIES)})")
   for o in out["objectives"]:
     if o not in (*HORIZON_OBJECTIVES, "bst"):
       raise config_lib.ConfigError("bench.objectives", o, f"unknown (known: {', '.join([*HORIZON_OBJECTIVES, 'bst'])})")
@@ -128,7 +134,15 @@ def _mesh_and_config(config: ml_collections.ConfigDict):
 
 def variant_configs(config: ml_collections.ConfigDict, settings: dict) -> list[tuple[str, Any]]:
   """[(label, config)]: GPT first, then each of settings["objectives"] at each horizon (BST once, with
-  settings["bst_pair_fraction"] of its pairs, the paper's FineWeb throughput setting)."""
+  settings["bst_pair_fraction"] of its pairs, the paper's FineWeb throughput setting); with
+  settings["remats"], every one of those under each remat policy (labels get " [remat=...]")."""
+  if settings["remats"]:
+    out = []
+    for r in settings["remats"]:
+      c = ml_collections.ConfigDict(config.to_dict())
+      c.model.remat = r
+      out += [(f"{label} [remat={r}]", v) for label, v in variant_configs(c, dict(settings, remats=()))]
+    return out
   out = []
   plan = [("gpt", 0)]
   for name in settings["objectives"]:
@@ -175,13 +189,67 @@ def machine_info() -> dict:
               devices=[str(d) for d in jax.devices()], device_kind=jax.devices()[0].device_kind)
 
 
+def compiled_memory_bytes(compiled: Any) -> float | None:
+  """Per-device bytes of a compiled step (arguments + outputs + temporaries - aliased), if XLA says."""
+  st = compiled.memory_analysis()
+  if st is None:
+    return None
+  return float(st.argument_size_in_bytes + st.output_size_in_bytes + st.temp_size_in_bytes
+               - st.alias_size_in_bytes)
+
+
+def device_memory_limit(settings: dict) -> float | None:
+  """bench.memory_limit_gib if set, else what the first device reports (None on CPUs)."""
+  if float(settings["memory_limit_gib"]) > 0:
+    return float(settings["memory_limit_gib"]) * 2**30
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def fit_batch_size(config: ml_collections.ConfigDict, mesh: Any, settings: dict, row_len: int) -> tuple[int, list]:
+  """Largest batch_size / 2^k (k >= 0, still divisible by the mesh's batch shards) whose most expensive
+  variant compiles within memory_fraction x the device memory limit. Returns (rows, tried)."""
+  limit = device_memory_limit(settings)
+  if limit is None:
+    raise config_lib.ConfigError("bench.fit_batch", True, "no device memory limit known here: set "
+                                 "bench.memory_limit_gib")
+  budget = float(settings["memory_fraction"]) * limit
+  shards = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+  cands = variant_configs(config, settings)
+  tried, B = [], int(config.batch_size)
+  while B >= shards and B % shards == 0:
+    label, c = max(cands, key=lambda lc: flops_lib.train_flops_per_step(lc[1], row_len, B)["total"])
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.batch_size = B
+    setup = step_lib.build(c, mesh)
+    compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, row_len),
+                                setup.abstract_rng()).compile()
+    used = compiled_memory_bytes(compiled)
+    tried.append(dict(batch_rows=B, variant=label, gib=None if used is None else used / 2**30,
+                      budget_gib=budget / 2**30))
+    print(f"fit: {label} with {B} rows needs {used / 2**30 if used else float('nan'):.2f} GiB "
+          f"(budget {budget / 2**30:.2f} GiB)", flush=True)
+    if used is not None and used <= budget:
+      return B, tried
+    B //= 2
+  raise config_lib.ConfigError("batch_size", config.batch_size, f"no batch size fits {budget / 2**30:.1f} GiB "
+                               f"(tried {[t['batch_rows'] for t in tried]})")
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
   """Runs the benchmark; returns the results dict (also printed as a table by `main`)."""
   s = bench_settings(config)
   mesh, config, ndev = _mesh_and_config(config)
   config, local_rows, L = _resolve(config, ndev)
+  fit = None
+  if s["fit_batch"]:
+    B_fit, fit = fit_batch_size(config, mesh, s, L)
+    with config.unlocked():
+      config.batch_size = B_fit
+    config, local_rows, L = _resolve(config, ndev)
   B = int(config.batch_size)
   rng = jax.random.PRNGKey(int(config.seed))
+  peak = peak_flops_per_device(config)
 
   variants = []
   for label, c in variant_configs(config, s):
@@ -190,6 +258,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     t0 = time.perf_counter()
     compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled_memory_bytes(compiled)
     batch = step_lib.global_batch(local_rows, setup.batch_sharding)
     state = setup.init(rng)
     for _ in range(int(s["warmup_steps"])):
@@ -197,6 +266,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     jax.block_until_ready((state, metrics))
     variants.append(dict(label=label, config=c, compiled=compiled, state=state, batch=batch,
                          flops=flops_lib.train_flops_per_step(c, L, B), compile_s=compile_s,
+                         memory_gib=None if mem is None else mem / 2**30,
                          loss=float(metrics["loss"]), times=[], cpu_times=[]))
 
   mm_fn, mm_args, mm_flops = matmul_reference(config, B * (L - 1))
@@ -237,7 +307,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     flop_ratio = v["flops"]["total"] / gpt["flops"]["total"]
     med = float(np.median(t))
     rows.append(dict(
-        variant=v["label"], objective=v["config"].objective.name,
+        variant=v["label"], objective=v["config"].objective.name, remat=v["config"].model.remat,
         horizon=int(v["config"].objective.horizon) if v["config"].objective.name in HORIZON_OBJECTIVES else 0,
         step_ms=med * 1e3, step_ms_p25=float(np.percentile(t, 25)) * 1e3,
         step_ms_p75=float(np.percentile(t, 75)) * 1e3, step_ms_all=[x * 1e3 for x in t],
@@ -249,7 +319,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         cpu_time_ratio=float(np.median(np.asarray(v["cpu_times"]) / np.asarray(gpt["cpu_times"]))),
         flop_ratio=flop_ratio, time_over_flop_ratio=time_ratio / flop_ratio,
         flops_per_s=v["flops"]["total"] / med, matmul_fraction=v["flops"]["total"] / med / mm_rate,
-        compile_s=v["compile_s"], loss_after_warmup=v["loss"],
+        tokens_per_s=B * (L - 1) / med, mfu=None if peak is None else v["flops"]["total"] / med / (peak * ndev),
+        memory_gib=v["memory_gib"], compile_s=v["compile_s"], loss_after_warmup=v["loss"],
         paper_time_ratio=(PAPER_STEPS_PER_S["GPT"] / PAPER_STEPS_PER_S[v["label"]]
                           if v["label"] in PAPER_STEPS_PER_S else None)))
   targets = [dict(name=f"{r['variant']}: time ratio <= {tol:g} x FLOP ratio",
@@ -264,6 +335,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
                  ffn_width=int(m.ffn_width or ffn_width(int(m.d_model))), dynamics_hidden=config.dynamics.hidden,
                  dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
                  remat_rollout=bool(config.objective.get("remat_rollout", False))),
+      peak_flops_per_device=peak, fit=fit,
       bench=dict(s), matmul=dict(flops=mm_flops, ms=float(np.median(mm_times)) * 1e3,
                                  ms_all=[x * 1e3 for x in mm_times], flops_per_s=mm_rate),
       variants=rows, targets=targets, passed=all(t["passed"] for t in targets))
@@ -277,13 +349,13 @@ def format_table(res: dict) -> str:
            "(interleaved); medians; time ratio = median of per-round ratios to GPT; paper time ratio = "
            "GPT steps/s / variant steps/s in the paper's Table 4 (B200, 1.3B)",
            "",
-           "| variant | step ms (p25-p75) | steps/s | GFLOP/step | time ratio | FLOP ratio | time/FLOP ratio "
+           "| variant | step ms (p25-p75) | steps/s | tok/s | GFLOP/step | time ratio | FLOP ratio | time/FLOP ratio "
            "| GFLOP/s | / matmul | paper time ratio |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["variants"]:
     paper = "" if r["paper_time_ratio"] is None else f"{r['paper_time_ratio']:.3f}"
     lines.append(f"| {r['variant']} | {r['step_ms']:.1f} ({r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}) "
-                 f"| {1e3 / r['step_ms']:.2f} | {r['flops'] / 1e9:.2f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} "
+                 f"| {1e3 / r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} "
                  f"| {r['time_over_flop_ratio']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['matmul_fraction']:.2f} "
                  f"| {paper} |")
   lines += ["", "time/FLOP ratio by other estimators (noise checks): "
@@ -291,6 +363,10 @@ def format_table(res: dict) -> str:
                         f"of minima {r['time_ratio_of_mins'] / r['flop_ratio']:.3f}, "
                         f"process CPU time {r['cpu_time_ratio'] / r['flop_ratio']:.3f}" for r in res["variants"][1:])]
   mm = res["matmul"]
+  if res.get("peak_flops_per_device"):
+    lines += ["", f"MFU (model FLOPs / ({res['peak_flops_per_device'] / 1e12:.0f} TFLOP/s peak x devices)) and "
+              "tokens/s: " + "; ".join(f"{r['variant']}: MFU {r['mfu']:.1%}, {r['tokens_per_s']:,.0f} tok/s"
+                                       for r in res["variants"])]
   lines += ["", f"matmul reference (model forward shapes, float32, jitted): {mm['ms']:.2f} ms for "
             f"{mm['flops'] / 1e9:.2f} GFLOP = {mm['flops_per_s'] / 1e9:.1f} GFLOP/s", ""]
   for t in res["targets"]:
