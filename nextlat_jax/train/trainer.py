@@ -111,7 +111,7 @@ def _initial_state(setup: step_lib.Setup, config: ml_collections.ConfigDict, mgr
     src_dir, step = checkpoint.resolve_path(source)
     src = checkpoint.manager(src_dir, config.checkpoint, read_only=True)
     state = checkpoint.restore_step(src, step, setup.abstract_state)
-    log.info("started from %s step %d", src_dir, step)
+    log.info("started from %s step %s", src_dir, "latest" if step is None else step)
     return state
   return setup.init(rng)
 

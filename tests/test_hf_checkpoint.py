@@ -1,0 +1,208 @@
+"""export-hf / import-hf: a run's trunk as a Hugging Face Llama folder (transformers' logits match), read
+back bit for bit, imported as a step-0 checkpoint that `checkpoint.restore_from` starts from, and the
+refusals of what the trunk cannot represent."""
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from nextlat_jax.data import packing
+from nextlat_jax.interop import hf_checkpoint
+from nextlat_jax.models.transformer import ModelConfig, Transformer, unembed
+
+TINY = {"model.n_layer": 2, "model.d_model": 32, "model.n_head": 2, "model.init_std": 0.3, "dynamics.hidden": 64,
+        "data.seq_len": 16, "batch_size": 8}
+
+
+def _assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (p, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and np.array_equal(x, y), p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A tiny street-grid NextLat run saved at step 2 (random weights: no training needed)."""
+  from configs import quickstart
+  from nextlat_jax.data import pipeline
+  from nextlat_jax.parallel.mesh import make_mesh
+  from nextlat_jax.train import checkpoint, trainer
+  from nextlat_jax.train import step as step_lib
+  path = tmp_path_factory.mktemp("run")
+  c = quickstart.get_config()
+  for key, value in TINY.items():
+    node, (*parents, leaf) = c, key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config, _ = trainer.resolve(c)
+  setup = step_lib.build(config, make_mesh(config.mesh))
+  ds = pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0, process_count=1)
+  mgr = checkpoint.manager(str(path / "checkpoints"), config.checkpoint)
+  checkpoint.save(mgr, 2, setup.init(jax.random.PRNGKey(1)), pipeline.BatchIterator(ds, 2, {}), config, force=True)
+  mgr.wait_until_finished()
+  return path
+
+
+def _run_command(fn, argv):
+  from absl import flags
+
+  import nextlat_jax.cli  # noqa: F401  (defines --config, --workdir, --step)
+  saved, sys.argv = sys.argv, argv  # config_flags reads --config.* overrides from sys.argv
+  try:
+    flags.FLAGS(argv)
+    fn(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    sys.argv = saved
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # parsing --config defined them
+      delattr(flags.FLAGS, name)
+
+
+def _our_logits(trunk, cfg, tokens, eos_id):
+  seg, pos = packing.segment_ids_and_positions(tokens, eos_id)
+  h, _ = Transformer(cfg).apply({"params": trunk}, tokens, seg, pos)
+  return np.asarray(unembed(h, trunk["head"])), pos
+
+
+def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, capsys):
+  out = tmp_path / "hf"
+  _run_command(hf_checkpoint.export_command, ["nextlat export-hf", f"--workdir={run_dir}", f"--out={out}"])
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["step"] == 2
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(summary["files"])
+  run = hf_checkpoint.restore_trunk(str(run_dir))
+  tok = hf_checkpoint.run_tokenizer(run.config)
+
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  text = "end 3 12 N E S 40 end 7"
+  assert hf_tok(text)["input_ids"] == [int(t) for t in tok.encode(text)]
+  assert hf_tok.eos_token_id == run.eos_id
+
+  model = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager")
+  assert model.dtype == torch.float32
+  ids = np.asarray([tok.encode("end 3 12 N E S 40 W"), tok.encode("5 9 N N E W SE 2")], np.int32)
+  ours, pos = _our_logits(run.trunk, run.cfg, ids, run.eos_id)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(ids[:1]).long()).logits.numpy()  # EOS-led: HF's default positions 0, 1, ...
+    theirs_pos = model(torch.from_numpy(ids).long(), position_ids=torch.from_numpy(pos).long()).logits.numpy()
+  assert np.abs(theirs - ours[:1]).max() < 1e-4
+  assert np.abs(theirs_pos - ours).max() < 1e-4
+
+  trunk, cfg, hf = hf_checkpoint.load_hf(str(out))
+  assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.ffn, cfg.rope_base, cfg.norm_eps) == (
+      run.cfg.d_model, run.cfg.n_layer, run.cfg.n_head, run.cfg.ffn, run.cfg.rope_base, run.cfg.norm_eps)
+  assert hf["max_position_embeddings"] == 16
+  _assert_trees_equal(trunk, jax.device_get(run.trunk))
+
+
+def test_import_is_a_step0_state_restore_from_starts_from(run_dir, tmp_path, capsys):
+  from nextlat_jax.parallel.mesh import make_mesh
+  from nextlat_jax.train import checkpoint, evaluate, trainer
+  from nextlat_jax.train import step as step_lib
+  hf = tmp_path / "hf"
+  hf_checkpoint.export_run(str(run_dir), str(hf))
+  out = tmp_path / "imported"
+  overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
+  _run_command(hf_checkpoint.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={out}",
+                                              f"--config={REPO / 'configs/quickstart.py'}", *overrides])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 0
+  # what the trainer does with checkpoint.restore_from=OUT, here onto a data x fsdp x tensor mesh
+  config = evaluate.run_config(str(run_dir))
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  config, _ = trainer.resolve(config)
+  setup = step_lib.build(config, make_mesh(config.mesh))
+  src_dir, step = checkpoint.resolve_path(str(out))
+  state = checkpoint.restore_step(checkpoint.manager(src_dir, config.checkpoint, read_only=True), step,
+                                  setup.abstract_state)
+  assert int(state.step) == 0 and set(state.params) == {"trunk", "dynamics"}
+  _assert_trees_equal(state.params["trunk"], jax.device_get(hf_checkpoint.restore_trunk(str(run_dir)).trunk))
+  # a config whose trunk differs is refused, naming the overrides it needs
+  bad = [o for o in overrides if "d_model" not in o]
+  with pytest.raises(SystemExit):
+    _run_command(hf_checkpoint.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={tmp_path / 'x'}",
+                                                f"--config={REPO / 'configs/quickstart.py'}", *bad])
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "--config.model.d_model=32" in err
+
+
+def _hf_folder(path, **overrides):
+  """A Llama folder written by transformers itself (random weights)."""
+  kw = {"vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "attn_implementation": "eager"}
+  kw.update(overrides)
+  rope_theta = kw.pop("rope_theta", 500.0)
+  cfg = transformers.LlamaConfig(**kw)
+  cfg.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.3) if p.ndim > 1 else p.uniform_(0.5, 1.5)
+  model.save_pretrained(str(path))
+  return model
+
+
+def test_import_of_a_transformers_llama_matches_its_logits(tmp_path):
+  model = _hf_folder(tmp_path)
+  trunk, cfg, _ = hf_checkpoint.load_hf(str(tmp_path), scan_layers=False)
+  assert (cfg.rope_base, cfg.norm_eps, cfg.ffn, cfg.n_head) == (500.0, 1e-6, 48, 4)
+  ids = np.asarray([[1, 7, 3, 33, 20, 5, 5, 9]], np.int32)
+  ours, pos = _our_logits(trunk, cfg, ids, eos_id=1)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(ids).long(), position_ids=torch.from_numpy(pos).long()).logits.numpy()
+  assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_bfloat16_round_trip_is_exact(tmp_path):
+  cfg = ModelConfig(vocab_size=24, d_model=16, n_layer=2, n_head=2, ffn_width=32, param_dtype="bfloat16",
+                    rope_base=100.0)
+  x = np.zeros((1, 2), np.int32)
+  from flax import linen as nn
+  trunk = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x, x, x)["params"])
+  hf_checkpoint.save_hf(trunk, cfg, str(tmp_path), max_position_embeddings=64, eos_token_id=3)
+  back, cfg_back, hf = hf_checkpoint.load_hf(str(tmp_path), param_dtype="bfloat16")
+  _assert_trees_equal(back, trunk)
+  assert hf["dtype"] == "bfloat16" and cfg_back.rope_base == 100.0
+  model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path))
+  assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("field,value,word", [
+    ("tie_word_embeddings", True, "tied embeddings"),
+    ("attention_bias", True, "biases"),
+    ("mlp_bias", True, "biases"),
+    ("num_key_value_heads", 2, "grouped-query"),
+    ("hidden_act", "gelu", "silu"),
+    ("head_dim", 16, "head_dim"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "RoPE scaling"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, "RoPE scaling"),
+    ("model_type", "mistral", "Llama"),
+])
+def test_refusals_name_the_field_and_value(field, value, word):
+  hf = {"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-6}
+  hf_checkpoint.model_config_from_hf(hf)  # the base is accepted
+  with pytest.raises(ValueError) as e:
+    hf_checkpoint.model_config_from_hf({**hf, field: value})
+  msg = str(e.value)
+  assert "\n" not in msg and word in msg
+  assert f"{field if field != 'rope_parameters' else 'rope_parameters.rope_type'}=" in msg
+
+
+def test_tied_transformers_checkpoint_is_refused(tmp_path):
+  _hf_folder(tmp_path, tie_word_embeddings=True)
+  with pytest.raises(ValueError, match="tie_word_embeddings=True"):
+    hf_checkpoint.load_hf(str(tmp_path))
+  with pytest.raises(ValueError, match="config.json not found"):
+    hf_checkpoint.load_hf(str(tmp_path / "missing"))
