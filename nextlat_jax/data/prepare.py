@@ -3,6 +3,8 @@
   nextlat prepare --input=/data/fineweb-edu/sample/100BT --output=/data/fwedu_gpt2_1024 \
       [--seq_len=1024 --tokenizer=gpt2 --tokenizer_path=DIR --workers=16]
   nextlat prepare --input=tfds:my_dataset --tfds_split=train --output=DIR
+  nextlat prepare --input=/data/TinyStories2-ascii/train --output=DIR --seq_len=256 \
+      --tokenizer=bpe --train_bpe=1000          # trains DIR/tokenizer.json first (1k byte-level BPE)
 
 Input: parquet / jsonl / text files (a file, folder, glob or fsspec URL; comma-separated), or a TFDS
 dataset with an ArrayRecord data source (`tfds:NAME`). One output shard per input file (per
@@ -16,6 +18,11 @@ Resumable: a shard is written to `<name>.partial`, renamed when complete, and th
 others; a rerun with other settings stops with an error. manifest.json (rows, tokens, documents,
 skipped, invalid_utf8_replaced, dropped_tail_tokens, tokenizer, seq_len, shards with their row
 counts) is written last, so a directory with a manifest is complete.
+
+--train_bpe=N (with --tokenizer=bpe) first trains a byte-level BPE of N tokens (specials <|eos|>,
+<|pad|>) on the first --bpe_train_docs documents of the input, in input order, and saves it to
+--tokenizer_path (default OUTPUT/tokenizer.json); an existing file there is reused, so a rerun resumes
+with the same tokenizer. The manifest records the tokenizer file, so runs and exports can find it.
 """
 from __future__ import annotations
 
@@ -39,6 +46,9 @@ flags.DEFINE_string("output", None, "prepare: output directory (created; a rerun
 flags.DEFINE_integer("seq_len", 1024, "prepare: rows hold seq_len + 1 tokens.")
 flags.DEFINE_string("tokenizer", "gpt2", "prepare: gpt2 | bpe.")
 flags.DEFINE_string("tokenizer_path", "", "prepare: gpt2: folder with encoder.json + vocab.bpe; bpe: tokenizer.json.")
+flags.DEFINE_integer("train_bpe", 0, "prepare (--tokenizer=bpe): first train a byte-level BPE of this many "
+                     "tokens on the input and save it to --tokenizer_path (default OUTPUT/tokenizer.json).")
+flags.DEFINE_integer("bpe_train_docs", 200_000, "prepare --train_bpe: documents to train the BPE on.")
 flags.DEFINE_string("column", "text", "prepare: parquet column / jsonl key / TFDS feature of the text.")
 flags.DEFINE_string("text_split", "line", "prepare: documents of .txt files: line | paragraph | file.")
 flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "prepare: worker processes.")
@@ -148,7 +158,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
 def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "gpt2",
             tokenizer_path: str = "", column: str = "text", text_split: str = "line", workers: int = 1,
             tfds_split: str = "train", tfds_data_dir: str = "", docs_per_shard: int = 100_000,
-            progress: bool = True) -> dict:
+            progress: bool = True, train_bpe: int = 0, bpe_train_docs: int = 200_000) -> dict:
   """Writes (or finishes) the shards and the manifest in `output`; returns the manifest."""
   if seq_len < 1:
     raise ValueError(f"--seq_len={seq_len}: must be >= 1")
@@ -156,10 +166,16 @@ def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "
     raise ValueError(f"--text_split={text_split!r}: expected one of {documents.TEXT_SPLITS}")
   if workers < 1:
     raise ValueError(f"--workers={workers}: must be >= 1")
-  vocab_size, eos_id = tokenizers.vocab_and_eos(tokenizer, tokenizer_path)
-  tokenizers.load(tokenizer, tokenizer_path)  # fail early on missing tokenizer files
   units = work_units(inputs, tfds_split, tfds_data_dir, docs_per_shard)
   os.makedirs(output, exist_ok=True)
+  if train_bpe:
+    if tokenizer != "bpe":
+      raise ValueError(f"--train_bpe={train_bpe}: needs --tokenizer=bpe (got {tokenizer!r})")
+    tokenizer_path = tokenizer_path or os.path.join(output, "tokenizer.json")
+    if not os.path.exists(tokenizer_path):
+      train_tokenizer(units, tokenizer_path, train_bpe, bpe_train_docs, column, text_split)
+  vocab_size, eos_id = tokenizers.vocab_and_eos(tokenizer, tokenizer_path)
+  tokenizers.load(tokenizer, tokenizer_path)  # fail early on missing tokenizer files
   settings = dict(units=units, seq_len=seq_len, tokenizer=tokenizer, column=column, text_split=text_split)
   _check_settings(output, settings)
   n = len(units)
@@ -203,9 +219,37 @@ def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "
       format=FORMAT, rows=total("rows"), tokens=total("tokens"), documents=total("documents"),
       skipped=total("skipped"), invalid_utf8_replaced=total("invalid_utf8_replaced"),
       dropped_tail_tokens=total("dropped_tail_tokens"), tokenizer=tokenizer, vocab_size=vocab_size,
-      eos_id=eos_id, seq_len=seq_len, row_len=seq_len + 1, dtype="int32", input=inputs, shards=shards)
+      eos_id=eos_id, seq_len=seq_len, row_len=seq_len + 1, dtype="int32", input=inputs,
+      tokenizer_path=os.path.abspath(tokenizer_path) if tokenizer_path else "", shards=shards)
   _write_json(os.path.join(output, MANIFEST), manifest)
   return manifest
+
+
+def train_tokenizer(units: list[dict], path: str, vocab_size: int, max_docs: int, column: str,
+                    text_split: str) -> None:
+  """Trains a byte-level BPE on the first `max_docs` non-empty documents of `units`; saves it atomically."""
+  if vocab_size < 258:
+    raise ValueError(f"--train_bpe={vocab_size}: must be >= 258 (256 bytes + 2 specials)")
+  stats = documents.Stats()
+
+  def texts() -> Iterator[str]:
+    n = 0
+    for unit in units:
+      for raw in _raw_documents(unit, column, text_split):
+        text = documents.decode(raw, stats)
+        if text is not None:
+          yield text
+          n += 1
+          if n >= max_docs:
+            return
+
+  tok = tokenizers.BPETokenizer.train(texts(), vocab_size=vocab_size)
+  if stats.documents == 0:
+    raise ValueError(f"--train_bpe: no non-empty documents in {[u.get('file', u) for u in units][:3]}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tok.save(path + ".partial")
+  os.replace(path + ".partial", path)
+  print(f"prepare: trained a {tok.vocab_size}-token BPE on {stats.documents} documents -> {path}", file=sys.stderr)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -222,7 +266,8 @@ def main(argv: list[str]) -> None:
   try:
     m = prepare(f.input, f.output, seq_len=f.seq_len, tokenizer=f.tokenizer, tokenizer_path=f.tokenizer_path,
                 column=f.column, text_split=f.text_split, workers=f.workers, tfds_split=f.tfds_split,
-                tfds_data_dir=f.tfds_data_dir, docs_per_shard=f.docs_per_shard)
+                tfds_data_dir=f.tfds_data_dir, docs_per_shard=f.docs_per_shard, train_bpe=f.train_bpe,
+                bpe_train_docs=f.bpe_train_docs)
   except ValueError as e:
     print(f"prepare: {e}", file=sys.stderr)
     sys.exit(2)

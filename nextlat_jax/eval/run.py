@@ -289,7 +289,7 @@ def evaluate_task(workdir: str, step: int | None = None, task: str | None = None
     raise ValueError(f"--num_samples={num_samples}: must be >= 1")
   run = restore(workdir, step, num_samples=num_samples, batch_size=batch_size, show_progress=show_progress,
                 options=dict(options or {}))
-  chosen = task or str(run.config.data.name)
+  chosen = task or run.config.get("eval_task") or str(run.config.data.name)  # eval_task: e.g. TinyStories
   results: dict[str, dict] = {}
   if chosen != "rank":
     if chosen in TASK_METRICS or task is not None:
