@@ -12,7 +12,7 @@ setup(
         # jax 0.10.x on Python 3.11, 0.12 on 3.12; flax 0.12.8 (3.11) .. 0.12.12 (3.12).
         "jax>=0.10,<0.13",
         "flax>=0.12.8,<0.13",
-        "optax>=0.2.5",
+        "optax>=0.2.7",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "ml-collections>=1.0",

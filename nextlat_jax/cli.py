@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging as std_logging
 import sys
 
@@ -15,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("nextlat_jax.cli:train",
               "train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]\n"
               "resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0"),
-    "eval": ("nextlat_jax.cli:evaluate",
+    "eval": ("nextlat_jax.eval:command",
              "eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's devices,\n"
              "and report held-out metrics (also written to DIR/eval_<step>.json)"),
     "prepare": ("nextlat_jax.data.prepare:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
@@ -65,27 +64,6 @@ def train(argv: list[str]) -> None:
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
   trainer.train(FLAGS.config, FLAGS.workdir)
-
-
-def evaluate(argv: list[str], _task_flags=importlib.import_module("nextlat_jax.eval")) -> None:
-  """Held-out loss (DIR/eval_<step>.json), then the task metrics (DIR/eval/). The default argument
-  imports nextlat_jax.eval at definition time: it defines --metrics, --task, ... before absl parses."""
-  del argv
-  from nextlat_jax.train import evaluate as evaluate_lib
-  if FLAGS.workdir is None:
-    raise app.UsageError("eval needs --workdir")
-  result = evaluate_lib.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)
-  print(json.dumps(result))
-  if FLAGS.metrics:
-    from nextlat_jax.eval import run as eval_run
-    try:
-      tasks = eval_run.evaluate_task(FLAGS.workdir, result["step"], FLAGS.task, FLAGS.num_samples,
-                                     batch_size=FLAGS.eval_batch_size, rank_batches=FLAGS.rank_batches,
-                                     options=_task_flags.options_from_flags())
-    except ValueError as e:  # bad task flags or data: one line, no traceback
-      print(f"nextlat eval: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, (list, dict))} for k, r in tasks.items()}))
 
 
 def _command(name: str):

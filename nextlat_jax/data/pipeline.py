@@ -53,6 +53,7 @@ SOURCES = {
     'path_star': 'nextlat_jax.data.tasks.path_star',
     'countdown': 'nextlat_jax.data.tasks.countdown',
     'a5': 'nextlat_jax.data.tasks.a5',
+    'hmm': 'nextlat_jax.data.tasks.hmm',
 }
 
 

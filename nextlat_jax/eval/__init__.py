@@ -7,8 +7,8 @@ seed, task `options` and jitted model helpers), and returns a JSON-ready dict of
 PNGs into `run.out_dir`. `evaluate_task` writes the dict to DIR/eval/<task>.json. Effective rank runs
 for every task (DIR/eval/rank.json, spectrum.png).
 
-This module is imported by the CLI before flag parsing (it defines the `nextlat eval` flags below), so
-it imports nothing heavy.
+This module is imported by the CLI before flag parsing (it defines the `nextlat eval` flags below and
+the command), so it imports nothing heavy at import time.
 """
 from absl import flags
 
@@ -22,6 +22,7 @@ TASK_METRICS: dict[str, str] = {
     "path_star": "nextlat_jax.eval.metrics.path_star:task",
     "countdown": "nextlat_jax.eval.metrics.countdown:task",
     "a5": "nextlat_jax.eval.metrics.a5:task",
+    "hmm": "nextlat_jax.eval.metrics.belief:task",
 }
 
 _M = "nextlat_jax.cli"  # listed by `nextlat eval --help` with the shared flags
@@ -51,3 +52,29 @@ def options_from_flags() -> dict:
   return {"wikitext_path": f.wikitext_path, "lambada_path": f.lambada_path,
           "probe_reference": f.probe_reference, "probe_steps": f.probe_steps,
           "world_model": {"max_hops": f.max_hops}}
+
+
+def command(argv: list[str]) -> None:
+  """`nextlat eval`: held-out loss (DIR/eval_<step>.json), then the task metrics (DIR/eval/)."""
+  del argv
+  import json
+  import sys
+
+  from absl import app
+
+  from nextlat_jax.train import evaluate as evaluate_lib
+  f = flags.FLAGS
+  if f.workdir is None:
+    raise app.UsageError("eval needs --workdir")
+  result = evaluate_lib.evaluate_run(f.workdir, f.step, f.eval_steps)
+  print(json.dumps(result))
+  if not f.metrics:
+    return
+  from nextlat_jax.eval import run as eval_run
+  try:
+    tasks = eval_run.evaluate_task(f.workdir, result["step"], f.task, f.num_samples, batch_size=f.eval_batch_size,
+                                   rank_batches=f.rank_batches, options=options_from_flags())
+  except ValueError as e:  # bad task flags or data: one line, no traceback
+    print(f"nextlat eval: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({k: {m: v for m, v in r.items() if not isinstance(v, (list, dict))} for k, r in tasks.items()}))

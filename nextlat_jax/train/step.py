@@ -114,12 +114,14 @@ def build(config: Any, mesh: Mesh) -> Setup:
   objective = objectives.build(config, mesh)
   boxed = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
   param_sh = sharding.param_shardings(boxed, mesh, rules)
-  tx, lr = make_optimizer(config.optimizer, int(config.steps), sharding.decay_mask(boxed))
+  tx, lr = make_optimizer(config.optimizer, int(config.steps), sharding.decay_mask(boxed), boxed)
   abstract_params = nn.unbox(boxed)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   rep = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                 transform_non_params=lambda _: rep)
+  # Moments shard like their params; optax.partition (Muon) leaves MaskedNode where a group has no state.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, abstract_opt, param_sh,
+                                 transform_non_params=lambda _: rep, is_leaf=masked)
   state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, nonfinite=rep)
   batch_sh = sharding.batch_sharding(mesh, rules)
 

@@ -1,0 +1,264 @@
+"""optimizer.name = "muon": Muon on the hidden matrices, AdamW on the rest (nextlat_jax/train/optimizer.py).
+
+- The Muon chain equals a direct numpy implementation (optax's bias-corrected momentum, Nesterov or not,
+  Newton-Schulz quintic with optax's coefficients, shape scaling, decoupled weight decay) and optax's own
+  `optax.contrib.muon`.
+- A real train step on a small NextLat model: one matrix of each Muon kind (a layer of the stacked
+  `mlp_out`, the k block of the stacked fused `qkv`) gets the direct Muon update, and the AdamW-routed
+  params (embed, head, norms, p_psi's first/last layers) get exactly optax.adamw's updates.
+- The same run on a (data=2, fsdp=2, tensor=2) mesh of the 8 fake CPU devices gives the same losses.
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from nextlat_jax.config import ConfigError, base_config, validate
+from nextlat_jax.parallel import sharding
+from nextlat_jax.parallel.mesh import make_mesh
+from nextlat_jax.train import optimizer as opt_lib
+from nextlat_jax.train import step as step_lib
+
+EOS, V, D, B, L = 1, 16, 32, 8, 17
+A, Bc, C = opt_lib.NS_COEFFS
+
+
+def newton_schulz(m: np.ndarray, steps: int = 5, eps: float = 1e-8) -> np.ndarray:
+  """Quintic Newton-Schulz on an (in, out) matrix, as optax: the wide orientation, Frobenius scaling."""
+  x = np.asarray(m, np.float64)
+  transposed = x.shape[0] > x.shape[1]
+  x = x.T if transposed else x
+  x = x / (np.linalg.norm(x) + eps)
+  for _ in range(steps):
+    a = x @ x.T
+    x = A * x + (Bc * a + C * a @ a) @ x
+  return x.T if transposed else x
+
+
+class DirectMuon:
+  """Direct Muon on one (in, out) matrix: optax's momentum form mu = beta mu + (1 - beta) g with bias
+  correction; Nesterov mu_hat = beta mu / (1 - beta^(t+1)) + (1 - beta) g / (1 - beta^t)."""
+
+  def __init__(self, shape, lr, beta=0.95, nesterov=True, wd=0.0, rms=None, steps=5):
+    self.mu, self.t = np.zeros(shape), 0
+    self.lr, self.beta, self.nesterov, self.wd, self.rms, self.steps = lr, beta, nesterov, wd, rms, steps
+
+  def update(self, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The additive update of w."""
+    b = self.beta
+    self.t += 1
+    self.mu = b * self.mu + (1 - b) * np.asarray(g, np.float64)
+    if self.nesterov:
+      mu_hat = b * self.mu / (1 - b ** (self.t + 1)) + (1 - b) * g / (1 - b ** self.t)
+    else:
+      mu_hat = self.mu / (1 - b ** self.t)
+    fan_in, fan_out = g.shape
+    o = newton_schulz(mu_hat, self.steps)
+    scale = math.sqrt(max(1.0, fan_out / fan_in)) if self.rms is None else self.rms * math.sqrt(max(fan_in, fan_out))
+    return -self.lr * (scale * o + self.wd * np.asarray(w, np.float64))
+
+
+@pytest.mark.parametrize("nesterov,rms", [(True, None), (False, 0.2)])
+def test_muon_chain_equals_direct_and_optax_contrib(nesterov, rms):
+  rng = np.random.default_rng(0)
+  dn = optax.contrib.MuonDimensionNumbers
+  params = {"w": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32),  # wide
+            "t": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),  # tall
+            "stack": jnp.asarray(rng.normal(size=(3, 8, 2, 5)), jnp.float32)}  # 3 matrices (8, 10)
+  dims = {"w": dn(0, 1), "t": dn(0, 1), "stack": dn(1, (2, 3))}
+  lr, wd = 0.05, 0.1
+  tx = opt_lib.muon(lr, dims, beta=0.9, nesterov=nesterov, weight_decay=wd, consistent_rms=rms)
+  ref = optax.contrib.muon(lr, beta=0.9, nesterov=nesterov, weight_decay=wd, consistent_rms=rms,
+                           muon_weight_dimension_numbers=dims)
+  direct = {"w": DirectMuon((6, 10), lr, 0.9, nesterov, wd, rms), "t": DirectMuon((12, 5), lr, 0.9, nesterov, wd, rms),
+            "stack": [DirectMuon((8, 10), lr, 0.9, nesterov, wd, rms) for _ in range(3)]}
+  state, ref_state, p, p_ref = tx.init(params), ref.init(params), params, params
+  for _ in range(3):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    up, state = jax.jit(tx.update)(grads, state, p)
+    up_ref, ref_state = jax.jit(ref.update)(grads, ref_state, p_ref)
+    for k in params:
+      np.testing.assert_allclose(np.asarray(up[k]), np.asarray(up_ref[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for k in ("w", "t"):
+      want = direct[k].update(np.asarray(grads[k]), np.asarray(p[k]))
+      np.testing.assert_allclose(np.asarray(up[k]), want, rtol=2e-4, atol=1e-6, err_msg=k)
+    for i in range(3):
+      g, w = (np.asarray(x[i]).reshape(8, 10) for x in (grads["stack"], p["stack"]))
+      want = direct["stack"][i].update(g, w)
+      np.testing.assert_allclose(np.asarray(up["stack"][i]).reshape(8, 10), want, rtol=2e-4, atol=1e-6)
+    p, p_ref = optax.apply_updates(p, up), optax.apply_updates(p_ref, up_ref)
+
+
+def make_config(shape=(1, 1, 1), **opt):
+  c = base_config()
+  c.model.update(vocab_size=V, d_model=D, n_layer=2, n_head=4, ffn_width=64)
+  c.dynamics.hidden = 48
+  c.objective.update(name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0)
+  c.optimizer.update(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1, grad_clip=0.0, **opt)
+  c.data = ml_collections.ConfigDict({"eos_id": EOS})
+  c.batch_size, c.steps = B, 10
+  c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+  return c
+
+
+def local_batch(seed):
+  """Packed rows with EOS crossings and tail padding (as tests/test_sharding.py)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(2, V, size=(B, L))
+  tokens[rng.random((B, L)) < 0.15] = EOS
+  valid = np.ones((B, L), bool)
+  for b, n_pad in enumerate(rng.integers(0, 4, size=B)):
+    valid[b, L - n_pad:] = False
+  tokens[~valid] = 0
+  is_eos = tokens == EOS
+  t = np.arange(L)
+  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
+  loss_mask = valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))
+  return {"tokens": tokens.astype(np.int32),
+          "segment_ids": np.where(valid, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
+          "positions": np.where(valid, positions, 0).astype(np.int32),
+          "loss_mask": loss_mask.astype(np.int32)}
+
+
+def test_routing_and_matrix_axes():
+  c = make_config()
+  setup_boxed = lambda cfg: jax.eval_shape(step_lib.objectives.build(cfg, None).init, jax.random.PRNGKey(0))
+  routes = opt_lib.describe_routing(setup_boxed(c), c.optimizer)
+  assert routes == {
+      "dynamics/fc1/kernel": "adamw", "dynamics/fc2/kernel": "muon (0,) -> (1,)", "dynamics/fc3/kernel": "adamw",
+      "dynamics/norm/scale": "adamw", "trunk/blocks/attn_norm/scale": "adamw", "trunk/blocks/mlp_norm/scale": "adamw",
+      "trunk/blocks/mlp_in/kernel": "muon (1,) -> (3,)",  # (layers, embed, gate|up, mlp)
+      "trunk/blocks/mlp_out/kernel": "muon (1,) -> (2,)",  # (layers, mlp, embed)
+      "trunk/blocks/out/kernel": "muon (1, 2) -> (3,)",  # (layers, heads, kv, embed)
+      "trunk/blocks/qkv/kernel": "muon (1,) -> (3, 4)",  # (layers, embed, q|k|v, heads, kv)
+      "trunk/embed": "adamw", "trunk/final_norm/scale": "adamw", "trunk/head": "adamw"}
+  c.model.scan_layers = False
+  c.optimizer.update(muon_split_fused=False, muon_adam_patterns=(r"^dynamics/",))
+  routes = opt_lib.describe_routing(setup_boxed(c), c.optimizer)
+  assert routes["trunk/block_0/qkv/kernel"] == "muon (0,) -> (1, 2, 3)"  # one fused (D, 3D) matrix
+  assert routes["trunk/block_1/out/kernel"] == "muon (0, 1) -> (2,)"
+  assert routes["trunk/embed"] == "muon (0,) -> (1,)" and routes["trunk/head"] == "muon (0,) -> (1,)"
+  assert routes["dynamics/fc2/kernel"] == "adamw"
+
+
+def test_validation():
+  validate(make_config(), num_devices=1)
+  for key, value in (("name", "sgd"), ("muon_momentum", 1.0), ("muon_ns_steps", 0), ("muon_lr", 0.0),
+                     ("muon_adam_patterns", ("(",)), ("muon_consistent_rms", -1.0)):
+    c = make_config()
+    c.optimizer[key] = value
+    with pytest.raises(ConfigError, match=f"optimizer.{key}"):
+      validate(c, num_devices=1)
+
+
+@functools.cache
+def run(shape, steps=3):
+  c = make_config(shape)
+  n = math.prod(shape)
+  validate(c, num_devices=n)
+  setup = step_lib.build(c, make_mesh(c.mesh, devices=jax.devices()[:n]))
+  state = setup.init(jax.random.PRNGKey(0))
+  states, losses = [jax.device_get(state.params)], []
+  for k in range(steps):
+    state, metrics = setup.step(state, step_lib.global_batch(local_batch(k), setup.batch_sharding),
+                                jax.random.PRNGKey(1))
+    states.append(jax.device_get(state.params))
+    losses.append(float(metrics["loss"]))
+  return c, setup, state, states, losses
+
+
+def test_train_step_matches_direct_muon_and_adamw():
+  steps, lr, muon_lr, wd = 3, 1e-3, 0.02, 0.1
+  c, setup, _, states, losses = run((1, 1, 1), steps)
+  grad_fn = jax.jit(jax.grad(lambda p, b, r: setup.objective.loss(p, b, r)[0]))
+  boxed = jax.eval_shape(setup.objective.init, jax.random.PRNGKey(0))
+  adamw = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=wd, mask=sharding.decay_mask(boxed))
+  adam_state = adamw.init(states[0])
+  F = 64  # ffn_width
+  mlp_out = [DirectMuon((F, D), muon_lr, wd=wd) for _ in range(2)]  # per layer
+  k_proj = DirectMuon((D, D), muon_lr, wd=wd)  # layer 1, the k block of qkv: (D, heads * head_dim)
+  adam_paths = [p for p, r in opt_lib.describe_routing(boxed, c.optimizer).items() if r == "adamw"]
+  assert len(adam_paths) == 8
+  for k in range(steps):
+    p0, p1 = states[k], states[k + 1]
+    batch = {key: jnp.asarray(v) for key, v in local_batch(k).items()}
+    grads = jax.device_get(grad_fn(p0, batch, jax.random.fold_in(jax.random.PRNGKey(1), k)))
+    blocks0, blocks1, gblocks = p0["trunk"]["blocks"], p1["trunk"]["blocks"], grads["trunk"]["blocks"]
+    for layer in range(2):
+      want = mlp_out[layer].update(gblocks["mlp_out"]["kernel"][layer], blocks0["mlp_out"]["kernel"][layer])
+      got = blocks1["mlp_out"]["kernel"][layer] - blocks0["mlp_out"]["kernel"][layer]
+      np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6, err_msg=f"mlp_out layer {layer} step {k}")
+    sl = lambda x: np.asarray(x[1, :, 1]).reshape(D, D)  # layer 1, k of (layers, D, q|k|v, heads, hd)
+    want = k_proj.update(sl(gblocks["qkv"]["kernel"]), sl(blocks0["qkv"]["kernel"]))
+    np.testing.assert_allclose(sl(blocks1["qkv"]["kernel"]) - sl(blocks0["qkv"]["kernel"]), want, rtol=1e-3,
+                               atol=2e-6, err_msg=f"qkv k-block step {k}")
+    updates, adam_state = adamw.update(grads, adam_state, p0)
+    flat = {opt_lib.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    flat0 = {opt_lib.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(p0)[0]}
+    flat1 = {opt_lib.param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(p1)[0]}
+    for path in adam_paths:
+      np.testing.assert_allclose(flat1[path], flat0[path] + np.asarray(flat[path]), rtol=1e-6, atol=1e-3 * lr,
+                                 err_msg=f"{path} step {k}")
+  assert losses[1] != losses[0]
+
+
+def test_adamw_group_is_exactly_adamw():
+  """Same gradients in: the AdamW-routed leaves of the Muon optimizer equal optax.adamw bit for bit."""
+  c = make_config()
+  init = step_lib.objectives.build(c, None).init
+  boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+  params = nn.unbox(jax.jit(init)(jax.random.PRNGKey(0)))
+  mask = sharding.decay_mask(boxed)
+  tx, _ = opt_lib.make_optimizer(c.optimizer, 10, mask, boxed)
+  ref = optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, mask=mask)
+  s, r = tx.init(params), ref.init(params)
+  rng = np.random.default_rng(0)
+  routes = opt_lib.describe_routing(boxed, c.optimizer)
+  for _ in range(2):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    up, s = jax.jit(tx.update)(grads, s, params)
+    up_ref, r = jax.jit(ref.update)(grads, r, params)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(up)[0],
+                                 jax.tree_util.tree_flatten_with_path(up_ref)[0]):
+      if routes[opt_lib.param_path(path)] == "adamw":
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=opt_lib.param_path(path))
+      else:
+        assert not np.allclose(np.asarray(a), np.asarray(b)), opt_lib.param_path(path)
+    params = optax.apply_updates(params, up)
+
+
+def test_sharded_muon_matches_one_device():
+  steps = 3  # the one-device run is shared with the test above
+  _, _, _, states0, losses0 = run((1, 1, 1), steps)
+  _, _, state, states, losses = run((2, 2, 2), steps)
+  np.testing.assert_allclose(losses, losses0, rtol=1e-5)
+  assert losses0[-1] < losses0[0]
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(states[-1])[0],
+                               jax.tree_util.tree_flatten_with_path(states0[-1])[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=opt_lib.param_path(path))
+  # Muon's momentum shards like its parameter, over fsdp and tensor.
+  qkv = state.params["trunk"]["blocks"]["qkv"]["kernel"]
+  mu = state.opt_state[-1].inner_states["muon"].inner_state[0].mu["trunk"]["blocks"]["qkv"]["kernel"]
+  assert mu.sharding.is_equivalent_to(qkv.sharding, qkv.ndim)
+  assert {tuple(s.data.shape) for s in mu.addressable_shards} == {(2, D // 2, 3, 2, 8)}
+
+
+def test_muon_state_checkpoints(tmp_path):
+  """Orbax saves the partitioned (MaskedNode-holding) state and restores it onto the state shardings."""
+  import orbax.checkpoint as ocp
+
+  from nextlat_jax.train import checkpoint
+  _, setup, state, _, _ = run((1, 1, 1))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "rest", checkpoint._rest(state))
+  ckpt.wait_until_finished()
+  back = ckpt.restore(tmp_path / "rest", checkpoint._rest(setup.abstract_state))
+  assert jax.tree.structure(back) == jax.tree.structure(checkpoint._rest(state))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(checkpoint._rest(state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
