@@ -1,13 +1,20 @@
 """Shared config defaults and validation: every user error names the key and the value."""
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from nextlat_jax import objectives
 from nextlat_jax.models.transformer import DTYPES, REMAT_POLICIES
 from nextlat_jax.parallel.mesh import MESH_AXES, mesh_shape
 from nextlat_jax.parallel.sharding import DEFAULT_RULES
-from nextlat_jax.train.optimizer import SCHEDULES
+from nextlat_jax.train.optimizer import (
+  MUON_ADAM_PATTERNS,
+  OPTIMIZERS,
+  SCHEDULES,
+  muon_available,
+)
 
 
 class ConfigError(ValueError):
@@ -38,10 +45,20 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32", param_dtype="float32",
       attention_impl=ml_collections.config_dict.placeholder(str),  # None: XLA's choice; "xla" | "cudnn"
   ))
-  c.dynamics = ml_collections.ConfigDict(dict(kind="mlp", hidden=768))
+  c.dynamics = ml_collections.ConfigDict(dict(
+      kind="mlp",  # ablation (docs/research.md): "mlp" (the paper) | "resmlp" | "gru" | "attn"
+      hidden=768,  # H_psi: every kind's hidden width (attn: its MLP)
+      layers=2,  # resmlp: residual GEGLU blocks (not in the paper)
+      window=4,  # attn: the chain's last k predicted latents attended to (not in the paper)
+  ))
   c.objective = ml_collections.ConfigDict(dict(
       name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0,
       eos_mask="transition",  # reference; "chain" masks every step at or after an EOS crossing
+      # NextLat ablation switches (docs/research.md); the paper's choice is the default.
+      next_h_stop_gradient=True,  # stop-gradient on the next-h target h_{t+i}; False: it trains the trunk
+      kl_frozen_head=True,  # stop-gradient on W_head in the token-space term's logits; False: it trains the head
+      token_loss="kl",  # term on head(ĥ): "kl" (teacher h_{t+i}) | "ce" (true x_{t+i+1}) | "none"
+      next_h_loss="smooth_l1",  # "smooth_l1" | "mse" | "cosine" (1 - cos per position; losses.py)
       remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
       # Baselines (BASELINES.md; docs/baselines.md). MTP / JTP / mtp_deepseek also read horizon and
       # remat_rollout (then: checkpoint each extra head / slot / module).
@@ -59,6 +76,15 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, decay_steps=0,
       final_lr_fraction=0.0,  # cosine only
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,  # grad_clip 0 disables clipping
+      # name="muon": Muon on the hidden matrices, AdamW (the keys above) on the rest (docs/research.md).
+      # Not specified by the paper (App. E tried Muon without settings): defaults of optax.contrib.muon /
+      # Keller Jordan's Muon.
+      muon_lr=0.02,  # peak LR of the Muon matrices; follows optimizer.schedule like lr
+      muon_momentum=0.95, muon_nesterov=True, muon_ns_steps=5,
+      muon_weight_decay=ml_collections.config_dict.placeholder(float),  # None: optimizer.weight_decay
+      muon_consistent_rms=ml_collections.config_dict.placeholder(float),  # None: sqrt(max(1, out/in)) scaling
+      muon_split_fused=True,  # q/k/v and gate/up kernels as separate matrices
+      muon_adam_patterns=MUON_ADAM_PATTERNS,  # regexes on param paths that stay on AdamW
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
   c.peak_flops_per_device = 0.0  # for MFU; 0: from the table of known chips (none for CPUs)
@@ -102,7 +128,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
     need(int(o.horizon) >= 1, "objective.horizon", o.horizon, "must be >= 1 for nextlat")
     need(o.eos_mask in ("transition", "chain"), "objective.eos_mask", o.eos_mask,
          "must be 'transition' or 'chain'")
-    need(c.dynamics.kind == "mlp", "dynamics.kind", c.dynamics.kind, "unknown (known: mlp)")
+    need(c.dynamics.kind in ("mlp", "resmlp", "gru", "attn"), "dynamics.kind", c.dynamics.kind,
+         "unknown (known: mlp, resmlp, gru, attn)")
+    need(int(c.dynamics.get("layers", 2)) >= 1, "dynamics.layers", c.dynamics.get("layers"), "must be >= 1")
+    need(int(c.dynamics.get("window", 4)) >= 1, "dynamics.window", c.dynamics.get("window"), "must be >= 1")
+    for key in ("next_h_stop_gradient", "kl_frozen_head"):
+      need(isinstance(o.get(key, True), bool), f"objective.{key}", o.get(key), "must be True or False")
+    need(o.get("token_loss", "kl") in ("kl", "ce", "none"), "objective.token_loss", o.get("token_loss"),
+         "must be 'kl', 'ce' or 'none'")
+    need(o.get("next_h_loss", "smooth_l1") in ("smooth_l1", "mse", "cosine"), "objective.next_h_loss",
+         o.get("next_h_loss"), "must be 'smooth_l1', 'mse' or 'cosine'")
     need(int(c.dynamics.hidden) >= 1, "dynamics.hidden", c.dynamics.hidden, "must be >= 1")
     for key in ("lambda_next_h", "lambda_kl"):
       need(float(o[key]) >= 0, f"objective.{key}", o[key], "must be >= 0")
@@ -133,7 +168,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
     need(int(o.bst_pair_chunk) >= 1, "objective.bst_pair_chunk", o.bst_pair_chunk, "must be >= 1")
     need(o.bst_normalize in ("row", "pair"), "objective.bst_normalize", o.bst_normalize, "must be 'row' or 'pair'")
 
-  need(opt.name == "adamw", "optimizer.name", opt.name, "unknown (known: adamw)")
+  need(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"unknown (known: {', '.join(OPTIMIZERS)})")
+  if opt.name == "muon":
+    need(muon_available(), "optimizer.name", opt.name, "needs optax >= 0.2.7 (Muon weight_dimension_numbers)")
+    need(float(opt.muon_lr) > 0, "optimizer.muon_lr", opt.muon_lr, "must be > 0")
+    need(0 <= float(opt.muon_momentum) < 1, "optimizer.muon_momentum", opt.muon_momentum, "must be in [0, 1)")
+    need(int(opt.muon_ns_steps) >= 1, "optimizer.muon_ns_steps", opt.muon_ns_steps, "must be >= 1")
+    need(opt.muon_weight_decay is None or float(opt.muon_weight_decay) >= 0, "optimizer.muon_weight_decay",
+         opt.muon_weight_decay, "must be None (= optimizer.weight_decay) or >= 0")
+    need(opt.muon_consistent_rms is None or float(opt.muon_consistent_rms) > 0, "optimizer.muon_consistent_rms",
+         opt.muon_consistent_rms, "must be None (width scaling) or > 0")
+    pats = opt.muon_adam_patterns
+    need(isinstance(pats, (tuple, list)) and all(isinstance(p, str) for p in pats), "optimizer.muon_adam_patterns",
+         pats, "must be a tuple of regex strings")
+    for pat in pats:
+      try:
+        re.compile(pat)
+      except re.error as e:
+        raise ConfigError("optimizer.muon_adam_patterns", pat, f"not a regex: {e}") from None
   need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {SCHEDULES}")
   need(float(opt.lr) > 0, "optimizer.lr", opt.lr, "must be > 0")
   need(int(opt.warmup_steps) >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")

@@ -287,8 +287,9 @@ def test_sampled_distribution_matches_autoregressive(model):
       assert 0.05 < rate < 0.95, (name, rate)  # both branches of the rule were exercised
 
 
-def _checkpoint(tmp_path):
-  """A resolved tiny street-grid NextLat run saved as a checkpoint (no training needed)."""
+def _checkpoint(tmp_path, **objective):
+  """A resolved tiny street-grid run (NextLat unless `objective` says otherwise) saved as a checkpoint
+  (no training needed)."""
   from configs import quickstart
   from nextlat_jax.data import pipeline
   from nextlat_jax.parallel.mesh import make_mesh
@@ -299,6 +300,7 @@ def _checkpoint(tmp_path):
   c.dynamics.hidden = 64
   c.data.seq_len = 32
   c.batch_size = 8
+  c.objective.update(objective)
   config, _ = trainer.resolve(c)
   setup = step_lib.build(config, make_mesh(config.mesh))
   state = setup.init(jax.random.PRNGKey(0))

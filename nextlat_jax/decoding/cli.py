@@ -42,6 +42,11 @@ flags.DEFINE_enum("mode", "A", list(speculative.MODES), "A: draft 1 from the tru
                   "round); B: all drafts from p_psi (1 trunk call per round).")
 
 
+# Objectives whose next-token model is not a GPT trunk with its head (nor JTP's Fetch slot 0).
+UNDECODABLE = {"mtp": "its trunk has n_layer - 1 blocks and head 0 is a separate block",
+               "bst": "BST predicts through its text head on (prefix, suffix) pairs"}
+
+
 @dataclasses.dataclass
 class Run:
   """A restored checkpoint, ready to decode."""
@@ -52,22 +57,30 @@ class Run:
   eos_id: int
   pad_id: int
   drafter: speculative.Drafter | None  # None for objectives without a drafter
+  head: gen.Head | None = None  # the next-token head; None: the trunk's (GPT, NextLat, DeepSeek MTP)
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
   """The run's config and parameters (params only) on this machine's devices."""
-  from nextlat_jax.objectives import nextlat
+  from nextlat_jax.decoding import head_drafters
+  from nextlat_jax.objectives import jtp, nextlat
   from nextlat_jax.parallel.mesh import make_mesh
   from nextlat_jax.train import checkpoint, evaluate, trainer
   from nextlat_jax.train import step as step_lib
   config, info = trainer.resolve(evaluate.run_config(workdir, step))
+  name = config.objective.name
+  if name in UNDECODABLE:
+    raise ValueError(f"objective.name={name!r}: decoding is not supported ({UNDECODABLE[name]})")
   setup = step_lib.build(config, make_mesh(config.mesh))
   params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), setup.abstract_state.params, step)
   cfg = ModelConfig.from_config(config.model)
-  drafter = None
-  if config.objective.name == "nextlat":
+  drafter, head = None, None
+  if name == "nextlat":
     drafter = speculative.nextlat_drafter(nextlat.dynamics_module(config), cfg)
-  return Run(config, params, step, cfg, int(info.eos_id), int(info.pad_id), drafter)
+  elif name == "jtp":
+    fetch = jtp.fetch_module(config)
+    drafter, head = head_drafters.jtp_drafter(fetch, cfg), head_drafters.jtp_head(fetch, cfg)
+  return Run(config, params, step, cfg, int(info.eos_id), int(info.pad_id), drafter, head)
 
 
 def tokenizer(config: Any):
@@ -131,15 +144,15 @@ def decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sam
   common = dict(cfg=run.cfg, sampling=sampling, max_new=max_new, eos_id=run.eos_id, pad_id=run.pad_id,
                 stop_at_eos=stop_at_eos, use_cache=use_cache)
   if speculative_mode is None:
-    return gen.generate_jit(run.params, prompt_BxP, len_B, key, **common)
+    return gen.generate_jit(run.params, prompt_BxP, len_B, key, head=run.head, **common)
   if run.drafter is None:
     raise ValueError(f"objective.name={run.config.objective.name!r}: no drafter for speculative decoding "
-                     "(NextLat runs only)")
+                     "(NextLat and JTP runs only)")
   policy = policy or draft_policies.DraftPolicy()
   if policy.longest > gamma_max:
     raise ValueError(f"gamma={policy.longest}: exceeds gamma_max={gamma_max}")
   return speculative.generate_jit(run.params, prompt_BxP, len_B, key, policy.arrays(), drafter=run.drafter,
-                                  gamma_max=gamma_max, mode=speculative_mode, **common)
+                                  gamma_max=gamma_max, mode=speculative_mode, head=run.head, **common)
 
 
 def generate(argv: list[str]) -> None:

@@ -12,12 +12,18 @@ top_p, eos_id, stop_at_eos and optional per-row limits `limit_B` <= max_new_toke
 (so greedy and sampled decoding share one compiled program). The loop ends when every
 row has emitted EOS (with stop_at_eos) or its limit of tokens; outputs past a row's length are pad_id.
 
+The model's next-token distribution comes from a `Head` (static): the trunk's output head for GPT and
+NextLat (`trunk_head`); JTP predicts the next token through its Fetch module's slot 0, which also reads
+the input token at the position (`nextlat_jax.decoding.head_drafters.jtp_head`).
+
 Standardised sampling (spec DECODING.md section 0): temperature (clamped to >= 1e-6), then top-k, then
 top-p. temperature == 0 means greedy: the distribution is one-hot at the argmax (the first on ties).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -30,6 +36,20 @@ from nextlat_jax.models.transformer import ModelConfig
 
 Array = jax.Array
 Params = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Head:
+  """Next-token logits (float32) of the decoded model at positions with trunk state h and input token x:
+  logits(params, h_xD, x_x) -> logits_xV, any leading shape x."""
+  name: str
+  logits: Callable[[Params, Array, Array], Array]
+
+
+@functools.lru_cache(maxsize=32)
+def trunk_head(cfg: ModelConfig) -> Head:
+  """h_t @ W_head (GPT, NextLat). Cached, so equal configs give one (jit-hashed) head."""
+  return Head("trunk", lambda params, h_xD, x_x: kv_cache.logits_at(params["trunk"], cfg, h_xD))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -159,26 +179,27 @@ def extend_fn(use_cache: bool):
 
 
 def start(params: Params, cfg: ModelConfig, prompt_BxP: Array, prompt_len_B: Array, key: Array, *,
-          sampling: Sampling, eos_id: int, size: int, use_cache: bool):
+          sampling: Sampling, eos_id: int, size: int, use_cache: bool, head: Head | None = None):
   """Prefill, then sample the first new token: (cache, h_last_BxD, first_B)."""
-  trunk = params["trunk"]
+  trunk, head = params["trunk"], head or trunk_head(cfg)
   h_BxPxD, cache = kv_cache.prefill(trunk, cfg, prompt_BxP, prompt_len_B, eos_id, size, use_cache)
   idx_B = jnp.maximum(prompt_len_B - 1, 0)
   h_BxD = jnp.take_along_axis(h_BxPxD, idx_B[:, None, None], axis=1)[:, 0]
-  first_B = sample(key, probs(kv_cache.logits_at(trunk, cfg, h_BxD), sampling))
+  x_B = jnp.take_along_axis(prompt_BxP, idx_B[:, None], axis=1)[:, 0]
+  first_B = sample(key, probs(head.logits(params, h_BxD, x_B), sampling))
   return cache, h_BxD, first_B
 
 
 def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array, *, cfg: ModelConfig,
              sampling: Sampling, max_new: int, eos_id: int, pad_id: int = 0, stop_at_eos: bool = True,
-             use_cache: bool = True, limit_B: Array | None = None) -> Output:
+             use_cache: bool = True, limit_B: Array | None = None, head: Head | None = None) -> Output:
   """Autoregressive generation for right-padded prompts; params = {'trunk': ..., ...}."""
   B, P = prompt_BxP.shape
-  trunk, ext = params["trunk"], extend_fn(use_cache)
+  trunk, ext, head = params["trunk"], extend_fn(use_cache), head or trunk_head(cfg)
   prompt_len_B = prompt_len_B.astype(jnp.int32)
   key, k0 = jax.random.split(key)
   cache, _, x_B = start(params, cfg, prompt_BxP, prompt_len_B, k0, sampling=sampling, eos_id=eos_id,
-                        size=P + max_new + 1, use_cache=use_cache)
+                        size=P + max_new + 1, use_cache=use_cache, head=head)
   out = jnp.full((B, max_new + 1), pad_id, jnp.int32)
   n_B = jnp.zeros((B,), jnp.int32)
   fin = functools.partial(append, eos_id=eos_id, stop_at_eos=stop_at_eos, limit_B=limits(limit_B, B, max_new))
@@ -188,7 +209,7 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
     cache, x_B, out, n_B, done_B, step = state
     h_BxTxD, new = ext(trunk, cfg, cache, x_B[:, None], eos_id)
     cache = kv_cache.rollback(new, jnp.where(done_B, cache.length_B, new.length_B))
-    logits_BxV = kv_cache.logits_at(trunk, cfg, h_BxTxD[:, 0])
+    logits_BxV = head.logits(params, h_BxTxD[:, 0], x_B)
     x_B = sample(jax.random.fold_in(key, step), probs(logits_BxV, sampling))
     out, n_B, finished = fin(out, n_B, x_B[:, None], jnp.where(done_B, 0, 1))
     return cache, x_B, out, n_B, done_B | finished, step + 1
@@ -198,4 +219,4 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
   return Output(finish(out, n_B, max_new, pad_id), n_B, {"trunk_calls": steps + 1}, cache)
 
 
-generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new", "pad_id", "use_cache"))
+generate_jit = jax.jit(generate, static_argnames=("cfg", "max_new", "pad_id", "use_cache", "head"))

@@ -15,12 +15,15 @@ to [.., pending, accepted drafts] by resetting its length. Modes:
 
 Drafter interface (`Drafter`): three pure functions over the full params tree that propose the tokens
 following `pending`, given h_prev = the true h at the token before it (pending is not yet in the cache):
-  start(params, h_prev_BxD, pending_B) -> carry
+  start(params, h_prev_BxD, x_prev_B, pending_B) -> carry   (x_prev_B: the token at h_prev's position)
   logits(params, carry, j) -> logits_BxV of draft j (0-based)
   feed(params, carry, x_B, j) -> carry once draft j is x_B
 `draft` runs any drafter under a draft-length policy and returns (tokens_BxG, q_BxGxV, n_B). NextLat:
-start = p_psi(h_prev, E(pending)), logits = h @ W_head, feed = p_psi(., E(x)). An MTP drafter would read
-head j+1 of h_prev and ignore feed; a JTP drafter would keep the drafted embeddings in its carry.
+start = p_psi(h_prev, E(pending)), logits = h @ W_head, feed = p_psi(., E(x)), all through
+`dynamics_step`, whose chain carry (the "attn" kind's window of drafted latents) starts empty at h_prev
+and rides in the drafter carry (h_Bx1xD, dynamics carry). JTP (decoding/head_drafters.py) feeds
+[x_prev, pending, drafts...] to its Fetch slots and keeps them in its carry; its verifier `head` is
+Fetch's slot 0, which reads the block's tokens as well as h.
 
 Static shapes: drafts live in a gamma_max buffer (a while_loop stops early when every row has stopped);
 the verify block length is picked by lax.switch among 1..gamma_max+1 (with a KV cache), so short drafts
@@ -39,8 +42,9 @@ import jax
 import jax.numpy as jnp
 
 from nextlat_jax.decoding import draft_policies, kv_cache
-from nextlat_jax.decoding.generate import Output, Sampling, append, extend_fn, finish, limits, probs, sample, start
-from nextlat_jax.models.dynamics import Dynamics, embed_tokens
+from nextlat_jax.decoding.generate import (Head, Output, Sampling, append, extend_fn, finish, limits, probs, sample,
+                                           start, trunk_head)
+from nextlat_jax.models.dynamics import dynamics_step, init_carry
 from nextlat_jax.models.transformer import ModelConfig
 
 Array = jax.Array
@@ -59,21 +63,22 @@ class Drafter:
 
 
 @functools.lru_cache(maxsize=32)
-def nextlat_drafter(dynamics: Dynamics, cfg: ModelConfig) -> Drafter:
-  """Rolls the latent dynamics model p_psi from h_prev; logits through the trunk's head. Cached, so equal
-  configs give the same (static, jit-hashed) drafter and compiled decoders are reused."""
-  def step(params, h_BxD, x_B):
-    e_Bx1xD = embed_tokens(params["trunk"], x_B[:, None])
-    return dynamics.apply({"params": params["dynamics"]}, h_BxD[:, None], e_Bx1xD)[:, 0]
+def nextlat_drafter(dynamics: Any, cfg: ModelConfig) -> Drafter:
+  """Rolls the latent dynamics model p_psi (any kind) from h_prev; logits through the trunk's head. Cached,
+  so equal configs give the same (static, jit-hashed) drafter and compiled decoders are reused."""
+  def start(params, h_prev_BxD, x_prev_B, pending_B):
+    del x_prev_B
+    h_Bx1xD = h_prev_BxD[:, None]
+    return dynamics_step(dynamics, params, h_Bx1xD, pending_B[:, None], init_carry(dynamics, h_Bx1xD.shape[:-1]))
 
   return Drafter(
       name="nextlat",
-      start=step,
-      logits=lambda params, h_BxD, j: kv_cache.logits_at(params["trunk"], cfg, h_BxD),
-      feed=lambda params, h_BxD, x_B, j: step(params, h_BxD, x_B))
+      start=start,
+      logits=lambda params, carry, j: kv_cache.logits_at(params["trunk"], cfg, carry[0][:, 0]),
+      feed=lambda params, carry, x_B, j: dynamics_step(dynamics, params, carry[0], x_B[:, None], carry[1]))
 
 
-def draft(drafter: Drafter, params: Params, h_prev_BxD: Array, pending_B: Array, n_cap_B: Array,
+def draft(drafter: Drafter, params: Params, h_prev_BxD: Array, x_prev_B: Array, pending_B: Array, n_cap_B: Array,
           key: Array, *, sampling: Sampling, policy: dict[str, Array], gamma_max: int):
   """Up to n_cap_B[b] <= gamma_max drafts per row, stopped early by the policy's thresholds.
 
@@ -99,7 +104,7 @@ def draft(drafter: Drafter, params: Params, h_prev_BxD: Array, pending_B: Array,
     q_BxGxV = jax.lax.dynamic_update_index_in_dim(q_BxGxV, q_BxV, j, 1)
     return j + 1, drafter.feed(params, carry, x_B, j), tokens_BxG, q_BxGxV, n_B, stopped_B, value_B
 
-  state = (jnp.zeros((), jnp.int32), drafter.start(params, h_prev_BxD, pending_B),
+  state = (jnp.zeros((), jnp.int32), drafter.start(params, h_prev_BxD, x_prev_B, pending_B),
            jnp.zeros((B, G), jnp.int32), jnp.zeros((B, G, V), jnp.float32), jnp.zeros((B,), jnp.int32),
            n_cap_B <= 0, jnp.ones((B,), jnp.float32))
   state = jax.lax.while_loop(lambda s: (s[0] < G) & ~jnp.all(s[5]), body, state)
@@ -147,6 +152,7 @@ def _verify_call(trunk: Params, cfg: ModelConfig, cache: kv_cache.Cache, block_B
 class State:
   cache: kv_cache.Cache
   h_prev_BxD: Array
+  x_prev_B: Array  # the token at h_prev's position (the last cached one)
   pending_B: Array
   out_BxM: Array
   n_B: Array
@@ -156,22 +162,23 @@ class State:
 
 
 def verify_round(st: State, key: Array, n_cap_B: Array, active_B: Array, *, params, cfg, drafter, sampling,
-                  policy, gamma_max, sizes, eos_id, fin, use_cache) -> State:
+                  policy, gamma_max, sizes, eos_id, fin, use_cache, head) -> State:
   trunk = params["trunk"]
   k_draft, k_acc = jax.random.split(key)
   n_cap_B = jnp.where(active_B, n_cap_B, 0)
-  drafts_BxG, q_BxGxV, n_B = draft(drafter, params, st.h_prev_BxD, st.pending_B, n_cap_B, k_draft,
+  drafts_BxG, q_BxGxV, n_B = draft(drafter, params, st.h_prev_BxD, st.x_prev_B, st.pending_B, n_cap_B, k_draft,
                                    sampling=sampling, policy=policy, gamma_max=gamma_max)
   block_BxG1 = jnp.concatenate([st.pending_B[:, None], drafts_BxG], axis=1)
   h_BxG1xD, cache = _verify_call(trunk, cfg, st.cache, block_BxG1, jnp.max(n_B) + 1, sizes, eos_id,
                                  use_cache)
-  p_BxG1xV = probs(kv_cache.logits_at(trunk, cfg, h_BxG1xD), sampling)
+  p_BxG1xV = probs(head.logits(params, h_BxG1xD, block_BxG1), sampling)
   k_B, x_B, ok_BxG = accept(k_acc, p_BxG1xV, q_BxGxV, drafts_BxG, n_B)
   j_G1 = jnp.arange(gamma_max + 1)[None]
   new_BxG1 = jnp.where(j_G1 < k_B[:, None], jnp.pad(drafts_BxG, ((0, 0), (0, 1))), x_B[:, None])
   out, n_out_B, finished_B = fin(st.out_BxM, st.n_B, new_BxG1, jnp.where(active_B, k_B + 1, 0))
   cache = kv_cache.rollback(cache, jnp.where(active_B, st.cache.length_B + 1 + k_B, st.cache.length_B))
   h_k_BxD = jnp.take_along_axis(h_BxG1xD, k_B[:, None, None], axis=1)[:, 0]
+  x_k_B = jnp.take_along_axis(block_BxG1, k_B[:, None], axis=1)[:, 0]
   tried_BxG = (j_G1[:, :-1] <= k_B[:, None]) & (j_G1[:, :-1] < n_B[:, None]) & active_B[:, None]
   s = dict(st.stats)
   s["rounds"] = s["rounds"] + active_B
@@ -182,20 +189,22 @@ def verify_round(st: State, key: Array, n_cap_B: Array, active_B: Array, *, para
   s["accepted_at"] = s["accepted_at"] + (tried_BxG & ok_BxG)
   s["trunk_calls"] = s["trunk_calls"] + jnp.any(active_B)
   return st.replace(cache=cache, h_prev_BxD=jnp.where(active_B[:, None], h_k_BxD, st.h_prev_BxD),
+                    x_prev_B=jnp.where(active_B, x_k_B, st.x_prev_B),
                     pending_B=jnp.where(active_B, x_B, st.pending_B), out_BxM=out, n_B=n_out_B,
                     done_B=st.done_B | (active_B & finished_B),
                     gamma_B=draft_policies.update(policy, st.gamma_B, k_B, n_B, active_B), stats=s)
 
 
-def ar_step(st: State, key: Array, *, params, cfg, sampling, eos_id, fin, use_cache) -> State:
+def ar_step(st: State, key: Array, *, params, cfg, sampling, eos_id, fin, use_cache, head) -> State:
   """Mode A's first step: the trunk on `pending` gives the true h; sample draft 1 from it."""
   trunk, active_B = params["trunk"], ~st.done_B
   h_Bx1xD, cache = extend_fn(use_cache)(trunk, cfg, st.cache, st.pending_B[:, None], eos_id)
   cache = kv_cache.rollback(cache, jnp.where(active_B, cache.length_B, st.cache.length_B))
-  x_B = sample(key, probs(kv_cache.logits_at(trunk, cfg, h_Bx1xD[:, 0]), sampling))
+  x_B = sample(key, probs(head.logits(params, h_Bx1xD[:, 0], st.pending_B), sampling))
   out, n_B, finished_B = fin(st.out_BxM, st.n_B, x_B[:, None], active_B.astype(jnp.int32))
   s = dict(st.stats, trunk_calls=st.stats["trunk_calls"] + 1)
   return st.replace(cache=cache, h_prev_BxD=jnp.where(active_B[:, None], h_Bx1xD[:, 0], st.h_prev_BxD),
+                    x_prev_B=jnp.where(active_B, st.pending_B, st.x_prev_B),
                     pending_B=jnp.where(active_B, x_B, st.pending_B), out_BxM=out, n_B=n_B,
                     done_B=st.done_B | (active_B & finished_B), stats=s)
 
@@ -204,7 +213,7 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
              cfg: ModelConfig, drafter: Drafter, sampling: Sampling, max_new: int, gamma_max: int,
              eos_id: int, pad_id: int = 0, stop_at_eos: bool = True, mode: str = "A",
              use_cache: bool = True, verify_sizes: tuple[int, ...] | None = None,
-             limit_B: Array | None = None) -> Output:
+             limit_B: Array | None = None, head: Head | None = None) -> Output:
   """Speculative generation for right-padded prompts; `policy` = DraftPolicy.arrays() (gamma <= gamma_max).
 
   stats (per row unless noted): rounds, drafted / accepted (drafter tokens, i.e. positions 2.. in mode A),
@@ -212,7 +221,9 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
   limit_B: optional per-row token limits (runtime, <= max_new, the static output width).
   verify_sizes: the verify-call lengths compiled (each a lax.switch branch); None: every length
   1..drafter tokens + 1, so a short draft costs a short call; fewer sizes compile faster.
+  head: the decoded model's next-token logits (default: the trunk's head; JTP: head_drafters.jtp_head).
   """
+  head = head or trunk_head(cfg)
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: expected one of {MODES}")
   B, P = prompt_BxP.shape
@@ -224,7 +235,8 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
     raise ValueError(f"verify_sizes={verify_sizes!r}: need sizes in [1, {G + 1}] including {G + 1}")
   key, k0 = jax.random.split(key)
   cache, h_BxD, first_B = start(params, cfg, prompt_BxP, prompt_len_B.astype(jnp.int32), k0, sampling=sampling,
-                                eos_id=eos_id, size=P + max_new + G + 2, use_cache=use_cache)
+                                eos_id=eos_id, size=P + max_new + G + 2, use_cache=use_cache, head=head)
+  x_last_B = jnp.take_along_axis(prompt_BxP, jnp.maximum(prompt_len_B.astype(jnp.int32) - 1, 0)[:, None], axis=1)[:, 0]
   limit_B = limits(limit_B, B, max_new)
   fin = functools.partial(append, eos_id=eos_id, stop_at_eos=stop_at_eos, limit_B=limit_B)
   out, n_B, done_B = fin(jnp.full((B, max_new + G + 2), pad_id, jnp.int32), jnp.zeros((B,), jnp.int32),
@@ -233,8 +245,8 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
   stats = dict(rounds=zeros_B, drafted=zeros_B, accepted=zeros_B, full_rounds=zeros_B,
                tried_at=jnp.zeros((B, G), jnp.int32), accepted_at=jnp.zeros((B, G), jnp.int32),
                trunk_calls=jnp.ones((), jnp.int32))
-  st = State(cache, h_BxD, first_B, out, n_B, done_B, draft_policies.init_lengths(policy, B), stats)
-  kw = dict(params=params, cfg=cfg, sampling=sampling, eos_id=eos_id, fin=fin, use_cache=use_cache)
+  st = State(cache, h_BxD, x_last_B, first_B, out, n_B, done_B, draft_policies.init_lengths(policy, B), stats)
+  kw = dict(params=params, cfg=cfg, sampling=sampling, eos_id=eos_id, fin=fin, use_cache=use_cache, head=head)
   round_kw = dict(kw, drafter=drafter, policy=policy, gamma_max=G, sizes=sizes)
 
   def body(carry):
@@ -256,4 +268,4 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
 
 
 generate_jit = jax.jit(generate, static_argnames=("cfg", "drafter", "max_new", "gamma_max", "pad_id",
-                                                  "mode", "use_cache", "verify_sizes"))
+                                                  "mode", "use_cache", "verify_sizes", "head"))

@@ -31,3 +31,37 @@ def smooth_l1(pred: Array, target: Array, beta: float = 1.0) -> Array:
   """Elementwise Smooth L1 (PyTorch's, beta=1 default): 0.5 u^2 / beta if |u| < beta else |u| - beta/2."""
   u = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
   return jnp.where(u < beta, 0.5 * u * u / beta, u - 0.5 * beta)
+
+
+NEXT_H_LOSSES = ("smooth_l1", "mse", "cosine")
+
+
+def squared_error(pred: Array, target: Array) -> Array:
+  """Elementwise (pred - target)^2, float32."""
+  u = pred.astype(jnp.float32) - target.astype(jnp.float32)
+  return u * u
+
+
+def cosine_distance(pred_xD: Array, target_xD: Array, eps: float = 1e-8) -> Array:
+  """1 - cos(pred, target) over the last axis, per position (in [0, 2]); the norm product is clamped at eps."""
+  p, t = pred_xD.astype(jnp.float32), target_xD.astype(jnp.float32)
+  norms = jnp.sqrt(jnp.sum(p * p, axis=-1)) * jnp.sqrt(jnp.sum(t * t, axis=-1))
+  return 1.0 - jnp.sum(p * t, axis=-1) / jnp.maximum(norms, eps)
+
+
+def next_latent_loss(kind: str, pred_BxTxD: Array, target_BxTxD: Array, mask_BxT: Array) -> Array:
+  """The next-h regression term of one rollout step, a scalar.
+
+  "smooth_l1" (the paper) and "mse": the elementwise loss summed over valid (position, feature) entries
+  / (valid positions * D). "cosine": the mean over valid positions of 1 - cos(ĥ, h), not divided by D:
+  for ĥ = h + u with u small and orthogonal to h, 1 - cos ≈ |u|^2 / (2 |h|^2), and |h|^2 ≈ D for the
+  trunk's RMS-normalised latents (unit norm weights), so it is on the scale of Smooth L1's 0.5 |u|^2 / D.
+  "mse" is (ĥ - h)^2, i.e. twice Smooth L1 where |ĥ - h| < 1.
+  """
+  if kind == "cosine":
+    return masked_mean(cosine_distance(pred_BxTxD, target_BxTxD), mask_BxT)
+  elementwise = {"smooth_l1": smooth_l1, "mse": squared_error}.get(kind)
+  if elementwise is None:
+    raise ValueError(f"objective.next_h_loss={kind!r}: unknown (known: {', '.join(NEXT_H_LOSSES)})")
+  err_BxT = jnp.sum(elementwise(pred_BxTxD, target_BxTxD), axis=-1)
+  return masked_mean(err_BxT, mask_BxT) / pred_BxTxD.shape[-1]

@@ -1,8 +1,13 @@
 """NextLat: next-token CE + lambda_next_h * SmoothL1 next-latent loss + lambda_kl * KL self-distillation,
 rolled out `horizon` steps with teacher-forced tokens (spec METHOD.md sections 5, 6, 12).
 
-Stop-gradients sit in exactly three places: the Smooth L1 target h_{t+i}, the KL teacher logits and the
-head weight inside the KL student logits.
+With the default switches, stop-gradients sit in exactly three places: the Smooth L1 target h_{t+i}, the
+KL teacher logits and the head weight inside the KL student logits. Ablation switches (config.objective,
+paper's choice first; docs/research.md): `next_h_stop_gradient` (True | False: the next-h target also
+trains the trunk), `kl_frozen_head` (True | False: the token-space term also trains the head),
+`token_loss` ("kl" | "ce": cross entropy of head(ĥ_{t+i}) against x_{t+i+1}, metric `latent_ce` |
+"none"), `next_h_loss` ("smooth_l1" | "mse" | "cosine"), `eos_mask` ("transition" | "chain"); the
+dynamics model is `config.dynamics` (kind, hidden, ...; nextlat_jax.models.dynamics).
 """
 from __future__ import annotations
 
@@ -11,21 +16,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.models.dynamics import Dynamics, embed_tokens
+from nextlat_jax.models import dynamics as dynamics_lib
 from nextlat_jax.models.transformer import DTYPES, unembed
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import forward_kl, masked_mean, smooth_l1, token_cross_entropy
+from nextlat_jax.objectives.losses import forward_kl, masked_mean, next_latent_loss, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 EOS_MASKS = ("transition", "chain")
+TOKEN_LOSSES = ("kl", "ce", "none")
 
 
-def dynamics_module(config: Any, mesh: Any = None) -> Dynamics:
-  m = config.model
-  return Dynamics(d_model=m.d_model, hidden=config.dynamics.hidden, norm_eps=m.norm_eps,
-                  init_std=m.init_std, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                  rules=logical_rules(config) if mesh is not None else ())
+def dynamics_module(config: Any, mesh: Any = None) -> Any:
+  """The p_psi module of config.dynamics.kind (nextlat_jax.models.dynamics.make)."""
+  return dynamics_lib.make(config.dynamics, config.model, mesh,
+                           logical_rules(config) if mesh is not None else ())
 
 
 def build(config: Any, mesh: Any = None) -> Objective:
@@ -33,27 +38,34 @@ def build(config: Any, mesh: Any = None) -> Objective:
   obj = config.objective
   horizon, lam_h, lam_kl = int(obj.horizon), float(obj.lambda_next_h), float(obj.lambda_kl)
   eos_mask, eos_id = obj.get("eos_mask", "transition"), int(config.data.eos_id)
+  stop_target, frozen_head = bool(obj.get("next_h_stop_gradient", True)), bool(obj.get("kl_frozen_head", True))
+  token_loss, next_h_kind = obj.get("token_loss", "kl"), obj.get("next_h_loss", "smooth_l1")
+  token_key = {"kl": "kl", "ce": "latent_ce", "none": None}[token_loss]
   dtype = DTYPES[trunk.cfg.dtype]
+  sg = jax.lax.stop_gradient
 
   def init(rng: jax.Array) -> Any:
     r_trunk, r_dyn = jax.random.split(rng)
-    D = trunk.cfg.d_model
-    return {"trunk": init_trunk(trunk, r_trunk),
-            "dynamics": dyn.init(r_dyn, jnp.zeros((1, 1, D)), jnp.zeros((1, 1, D)))["params"]}
+    return {"trunk": init_trunk(trunk, r_trunk), "dynamics": dynamics_lib.init_params(dyn, r_dyn)}
 
   def hidden(params: Any, batch: dict) -> jax.Array:
     h_BxTxD, _ = trunk.apply({"params": params["trunk"]}, batch["tokens"], batch["segment_ids"],
                              batch["positions"])
     return h_BxTxD
 
-  def rollout_step(dyn_params, head_DxV, cur_BxTxD, e_BxTxD, h_tgt_BxTxD, teacher_BxTxV, m_h_BxT, m_kl_BxT):
-    """One p_psi step: returns the new prediction and this step's (next_h, kl) losses."""
-    cur_BxTxD = dyn.apply({"params": dyn_params}, cur_BxTxD, e_BxTxD)
-    err_BxT = jnp.sum(smooth_l1(cur_BxTxD, jax.lax.stop_gradient(h_tgt_BxTxD)), axis=-1)
-    next_h = masked_mean(err_BxT, m_h_BxT) / cur_BxTxD.shape[-1]
-    student_BxTxV = unembed(cur_BxTxD[:, :-1], jax.lax.stop_gradient(head_DxV), dtype)
-    kl = masked_mean(forward_kl(teacher_BxTxV, student_BxTxV), m_kl_BxT)
-    return cur_BxTxD, next_h, kl
+  def rollout_step(dyn_params, head_DxV, cur_BxTxD, carry, e_BxTxD, h_tgt_BxTxD, token_tgt, m_h_BxT, m_kl_BxT):
+    """One p_psi step over every chain start: the new predictions and carry and this step's (next_h,
+    token-space) losses. token_tgt: teacher logits (B, T-1, V) for "kl", target ids (B, T-1) for "ce"."""
+    cur_BxTxD, carry = dynamics_lib.advance(dyn, dyn_params, cur_BxTxD, e_BxTxD, carry)
+    next_h = next_latent_loss(next_h_kind, cur_BxTxD, sg(h_tgt_BxTxD) if stop_target else h_tgt_BxTxD, m_h_BxT)
+    if token_loss == "none":
+      return cur_BxTxD, carry, next_h, jnp.zeros((), jnp.float32)
+    student_BxTxV = unembed(cur_BxTxD[:, :-1], sg(head_DxV) if frozen_head else head_DxV, dtype)
+    if token_loss == "kl":
+      tok = masked_mean(forward_kl(token_tgt, student_BxTxV), m_kl_BxT)
+    else:
+      tok = masked_mean(token_cross_entropy(student_BxTxV, token_tgt), m_kl_BxT)
+    return cur_BxTxD, carry, next_h, tok
 
   if obj.get("remat_rollout", False):
     rollout_step = jax.checkpoint(rollout_step)
@@ -68,11 +80,12 @@ def build(config: Any, mesh: Any = None) -> Objective:
     m_tok_BxT = batch["loss_mask"][:, 1:].astype(bool)
     targets_BxT = batch.get("labels", x_BxT)[:, 1:]  # task labels (A5) or the next tokens
     ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), m_tok_BxT)
-    teacher_BxTxV = jax.lax.stop_gradient(logits_BxTxV)
+    token_tgt = {"kl": sg(logits_BxTxV), "ce": targets_BxT, "none": None}[token_loss]
     valid_BxT = batch["segment_ids"] >= 0
 
-    metrics, total_h, total_kl = {}, 0.0, 0.0
+    metrics, total_h, total_tok = {}, 0.0, 0.0
     cur_BxTxD, m_chain_BxT = h_BxTxD, valid_BxT
+    carry = dynamics_lib.init_carry(dyn, h_BxTxD.shape[:-1])
     for i in range(1, horizon + 1):
       # cur[:, t] = ĥ_{t+i}, predicted from chain start t; lengths shrink by one per step.
       m_h_BxT = valid_BxT[:, i:] & (x_BxT[:, i:] != eos_id)
@@ -80,14 +93,18 @@ def build(config: Any, mesh: Any = None) -> Objective:
         m_chain_BxT = m_chain_BxT[:, :-1] & m_h_BxT
         m_h_BxT = m_chain_BxT
       m_kl_BxT = m_h_BxT[:, :-1] & m_tok_BxT[:, i:]
-      cur_BxTxD, next_h, kl = rollout_step(params["dynamics"], head_DxV, cur_BxTxD[:, :-1],
-                                           e_BxTxD[:, i:], h_BxTxD[:, i:], teacher_BxTxV[:, i:],
-                                           m_h_BxT, m_kl_BxT)
-      metrics[f"next_h_{i}"], metrics[f"kl_{i}"] = next_h, kl
-      total_h, total_kl = total_h + next_h, total_kl + kl
-    next_h, kl = total_h / horizon, total_kl / horizon
-    total = ce + lam_h * next_h + lam_kl * kl
-    metrics.update(loss=total, ce=ce, next_h=next_h, kl=kl)
+      cur_BxTxD, carry, next_h, tok = rollout_step(
+          params["dynamics"], head_DxV, cur_BxTxD, carry, e_BxTxD[:, i:], h_BxTxD[:, i:],
+          None if token_tgt is None else token_tgt[:, i:], m_h_BxT, m_kl_BxT)
+      metrics[f"next_h_{i}"] = next_h
+      if token_key:
+        metrics[f"{token_key}_{i}"] = tok
+      total_h, total_tok = total_h + next_h, total_tok + tok
+    next_h, tok = total_h / horizon, total_tok / horizon
+    total = ce + lam_h * next_h + lam_kl * tok
+    metrics.update(loss=total, ce=ce, next_h=next_h)
+    if token_key:
+      metrics[token_key] = tok
     return total, metrics
 
   return Objective("nextlat", init, loss, hidden, {"trunk": trunk, "dynamics": dyn})

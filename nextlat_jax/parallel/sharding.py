@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("dyn_in", "fsdp"),
     ("dyn_hidden_in", "fsdp"),
     ("dyn_hidden", "tensor"),
+    ("dyn_out", "tensor"),  # width-D outputs of the gru gates and attn input/output projections
 )
 
 

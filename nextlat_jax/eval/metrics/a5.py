@@ -3,8 +3,9 @@
 - `transformer`: the trunk reads the whole word; the state after g_1 .. g_L predicts acc_L through the
   head (any objective's next-token head).
 - `rnn` (objectives with latent dynamics, i.e. NextLat): the trunk reads g_1 only, giving h_1; then
-  h_{t+1} = p_psi(h_t, E(g_{t+1})) (`nextlat_jax.models.dynamics.dynamics_step`) and acc_t is read as
-  argmax head(h_t); the transformer is never called again.
+  h_{t+1} = p_psi(h_t, E(g_{t+1})) (`nextlat_jax.models.dynamics.dynamics_step`, one chain from h_1,
+  with its carry for the "attn" kind) and acc_t is read as argmax head(h_t); the transformer is never
+  called again.
 
 acc(L) = % of words whose predicted state at position L equals acc_L; prefix accuracy(L) = % of words
 whose positions 1..L are all correct (which one the paper plots is not specified: both are reported).
@@ -24,7 +25,7 @@ import numpy as np
 
 from nextlat_jax.data.tasks import a5
 from nextlat_jax.eval.metrics import make_jit, map_batches, next_token_logits
-from nextlat_jax.models.dynamics import dynamics_step
+from nextlat_jax.models.dynamics import dynamics_step, init_carry
 from nextlat_jax.models.transformer import unembed
 
 
@@ -57,11 +58,12 @@ def rnn_predictions(config: Any, objective: Any) -> Any:
     h_Bx1xD, _ = trunk.apply({"params": params["trunk"]}, words_BxL[:, :1], ones * 0, ones)
     head_DxV = params["trunk"]["head"]
 
-    def step(h_Bx1xD, x_next_B):
+    def step(state, x_next_B):
+      h_Bx1xD, carry = state
       pred_B = jnp.argmax(unembed(h_Bx1xD, head_DxV)[:, 0], axis=-1).astype(jnp.int32)
-      return dynamics_step(dyn, params, h_Bx1xD, x_next_B[:, None]), pred_B
+      return dynamics_step(dyn, params, h_Bx1xD, x_next_B[:, None], carry), pred_B
 
-    h_Bx1xD, preds_LxB = jax.lax.scan(step, h_Bx1xD, words_BxL[:, 1:].T)
+    (h_Bx1xD, _), preds_LxB = jax.lax.scan(step, (h_Bx1xD, init_carry(dyn, (B, 1))), words_BxL[:, 1:].T)
     last_B = jnp.argmax(unembed(h_Bx1xD, head_DxV)[:, 0], axis=-1).astype(jnp.int32)
     return jnp.concatenate([preds_LxB.T, last_B[:, None]], axis=1)
   return make_jit(objective, predict)
