@@ -13,29 +13,14 @@ unique length-12 words (80% train), ~100k length-36 test words. Seeds are not sp
 The rows carry `labels` (running products); the objectives must train on them (see
 nextlat_jax.data.tasks.a5). Metric: nextlat_jax.eval.metrics.a5 (transformer and RNN modes).
 """
-import re
-
-from nextlat_jax.config import base_config
+from nextlat_jax.config import base_config, parse_preset
 from nextlat_jax.data.tasks.a5 import default_data_config
-
-OBJECTIVES = ("nextlat", "gpt", "mtp", "jtp", "bst", "mtp_deepseek")
 
 
 def parse(arg: str | None) -> tuple[str, int, bool]:
   """"gpt,len36,tiny" -> ("gpt", 36, True)."""
-  name, train_len, tiny = "nextlat", 12, False
-  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
-    m = re.fullmatch(r"len(\d+)", part)
-    if part in OBJECTIVES:
-      name = part
-    elif part == "tiny":
-      tiny = True
-    elif m and int(m[1]) >= 1:
-      train_len = int(m[1])
-    else:
-      raise ValueError(f"configs/a5.py argument part {part!r}: expected an objective {OBJECTIVES}, "
-                       "a training length len<K> (e.g. len36) or 'tiny'")
-  return name, train_len, tiny
+  name, m, tiny = parse_preset(arg, "configs/a5.py", r"len([1-9]\d*)", "a training length len<K> (e.g. len36)")
+  return name, int(m[1]) if m else 12, tiny
 
 
 def get_config(arg: str | None = None):

@@ -13,29 +13,14 @@ test problems, 10% of the targets held out; 3 seeds (which ones is not reported)
 MTP/JTP is not reported (1.0 kept). The first epoch generates the 500k problems on the fly (about
 0.5-1 ms each on one core, cached in memory afterwards). Metric: nextlat_jax.eval.metrics.countdown.
 """
-import re
-
-from nextlat_jax.config import base_config
+from nextlat_jax.config import base_config, parse_preset
 from nextlat_jax.data.tasks.countdown import default_data_config
-
-OBJECTIVES = ("nextlat", "gpt", "mtp", "jtp", "bst", "mtp_deepseek")
 
 
 def parse(arg: str | None) -> tuple[str, int, bool]:
   """"nextlat,d4,tiny" -> ("nextlat", 4, True)."""
-  name, horizon, tiny = "nextlat", 1, False
-  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
-    m = re.fullmatch(r"d(\d+)", part)
-    if part in OBJECTIVES:
-      name = part
-    elif part == "tiny":
-      tiny = True
-    elif m and int(m[1]) >= 1:
-      horizon = int(m[1])
-    else:
-      raise ValueError(f"configs/countdown.py argument part {part!r}: expected an objective "
-                       f"{OBJECTIVES}, a horizon d<K> (e.g. d4) or 'tiny'")
-  return name, horizon, tiny
+  name, m, tiny = parse_preset(arg, "configs/countdown.py", r"d([1-9]\d*)", "a horizon d<K> (e.g. d4)")
+  return name, int(m[1]) if m else 1, tiny
 
 
 def get_config(arg: str | None = None):

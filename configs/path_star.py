@@ -13,29 +13,14 @@ horizon d = l - 2 for NextLat, MTP and JTP; 200k fixed training graphs, 20k test
 seeds 1234..1238 (--config.seed). lambda_MTP for MTP/JTP is not reported (1.0 kept).
 Exact-path accuracy: nextlat_jax.eval.metrics.path_star.
 """
-import re
-
-from nextlat_jax.config import base_config
+from nextlat_jax.config import base_config, parse_preset
 from nextlat_jax.data.tasks.path_star import default_data_config
-
-OBJECTIVES = ("nextlat", "gpt", "mtp", "jtp", "bst", "mtp_deepseek")
 
 
 def parse(arg: str | None) -> tuple[str, tuple[int, int], bool]:
   """"nextlat,g2_10,tiny" -> ("nextlat", (2, 10), True)."""
-  name, graph, tiny = "nextlat", None, False
-  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
-    m = re.fullmatch(r"[gG](\d+)_(\d+)", part)
-    if part in OBJECTIVES:
-      name = part
-    elif part == "tiny":
-      tiny = True
-    elif m:
-      graph = (int(m[1]), int(m[2]))
-    else:
-      raise ValueError(f"configs/path_star.py argument part {part!r}: expected an objective "
-                       f"{OBJECTIVES}, a graph g<d>_<l> (e.g. g5_5) or 'tiny'")
-  return name, graph or ((2, 5) if tiny else (5, 5)), tiny
+  name, m, tiny = parse_preset(arg, "configs/path_star.py", r"[gG](\d+)_(\d+)", "a graph g<d>_<l> (e.g. g5_5)")
+  return name, (int(m[1]), int(m[2])) if m else ((2, 5) if tiny else (5, 5)), tiny
 
 
 def get_config(arg: str | None = None):

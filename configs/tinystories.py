@@ -19,29 +19,14 @@ schedule (constant, as the other small tasks), seed 0, eval cadence, and the tok
 is not public here, so `prepare --train_bpe=1000` trains one on the train split (TASKS.md allows it).
 Rows are packed across stories at a fixed stride (stories span rows), as in the reference.
 """
-import re
-
-from nextlat_jax.config import base_config
+from nextlat_jax.config import base_config, parse_preset
 from nextlat_jax.data.sources import pretokenized
-
-OBJECTIVES = ("nextlat", "gpt", "mtp", "jtp", "bst", "mtp_deepseek")
 
 
 def parse(arg: str | None) -> tuple[str, int, bool]:
   """"gpt,d8,tiny" -> ("gpt", 8, True)."""
-  name, horizon, tiny = "nextlat", 1, False
-  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
-    m = re.fullmatch(r"d(\d+)", part)
-    if part in OBJECTIVES:
-      name = part
-    elif part == "tiny":
-      tiny = True
-    elif m and int(m[1]) >= 1:
-      horizon = int(m[1])
-    else:
-      raise ValueError(f"configs/tinystories.py argument part {part!r}: expected an objective {OBJECTIVES}, "
-                       "a horizon d<K> (e.g. d8) or 'tiny'")
-  return name, horizon, tiny
+  name, m, tiny = parse_preset(arg, "configs/tinystories.py", r"d([1-9]\d*)", "a horizon d<K> (e.g. d8)")
+  return name, int(m[1]) if m else 1, tiny
 
 
 def get_config(arg: str | None = None):

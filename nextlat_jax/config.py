@@ -25,6 +25,26 @@ class ConfigError(ValueError):
     self.key, self.value = key, value
 
 
+def parse_preset(arg: str | None, where: str, option: str, option_help: str
+                 ) -> tuple[str, re.Match | None, bool]:
+  """A task config's argument "OBJECTIVE,OPTION,tiny" (each part optional, any order, comma-separated):
+  (objective name, default "nextlat"; the match of the last part that fully matches the regex `option`,
+  or None; whether "tiny" was given). Anything else raises ValueError naming `where` and the part."""
+  names = objectives.names()
+  name, match, tiny = "nextlat", None, False
+  for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+    m = re.fullmatch(option, part)
+    if part in names:
+      name = part
+    elif part == "tiny":
+      tiny = True
+    elif m:
+      match = m
+    else:
+      raise ValueError(f"{where} argument part {part!r}: expected an objective {names}, {option_help} or 'tiny'")
+  return name, match, tiny
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults every experiment config starts from (values not in the paper are marked)."""
   c = ml_collections.ConfigDict()

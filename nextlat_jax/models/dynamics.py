@@ -53,8 +53,8 @@ def _concat(e_BxTxD: Array, h_BxTxD: Array) -> Array:
   return jnp.concatenate([e_BxTxD.astype(jnp.float32), h_BxTxD.astype(jnp.float32)], axis=-1)
 
 
-class Dynamics(nn.Module):
-  """The paper's 3-layer MLP ("mlp")."""
+class _DynamicsFields(nn.Module):
+  """Fields every kind shares (all are built by `dynamics_module` from the model config)."""
   d_model: int
   hidden: int
   norm_eps: float = 1e-5
@@ -63,6 +63,10 @@ class Dynamics(nn.Module):
   param_dtype: str = "float32"
   mesh: Mesh | None = None
   rules: tuple = ()
+
+
+class Dynamics(_DynamicsFields):
+  """The paper's 3-layer MLP ("mlp")."""
 
   @nn.compact
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array) -> Array:
@@ -77,17 +81,9 @@ class Dynamics(nn.Module):
     return h_BxTxD + delta_BxTxD.astype(h_BxTxD.dtype)
 
 
-class ResMLPDynamics(nn.Module):
+class ResMLPDynamics(_DynamicsFields):
   """A deeper residual MLP ("resmlp"): `layers` pre-norm GEGLU blocks of width `hidden`."""
-  d_model: int
-  hidden: int
   layers: int = 2
-  norm_eps: float = 1e-5
-  init_std: float = 0.02
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  mesh: Mesh | None = None
-  rules: tuple = ()
 
   @nn.compact
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array) -> Array:
@@ -111,16 +107,8 @@ class ResMLPDynamics(nn.Module):
     return h_BxTxD + delta_BxTxD.astype(h_BxTxD.dtype)
 
 
-class GRUDynamics(nn.Module):
+class GRUDynamics(_DynamicsFields):
   """A GRU-style gated update ("gru"): h_next = (1 - u) * h + u * candidate."""
-  d_model: int
-  hidden: int
-  norm_eps: float = 1e-5
-  init_std: float = 0.02
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  mesh: Mesh | None = None
-  rules: tuple = ()
 
   @nn.compact
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array) -> Array:
@@ -143,18 +131,10 @@ class GRUDynamics(nn.Module):
     return c(h_next_BxTxD.astype(h_BxTxD.dtype), ACT_EMBED)
 
 
-class AttnDynamics(nn.Module):
+class AttnDynamics(_DynamicsFields):
   """Attention over the chain's last `window` predicted latents ("attn"); heads = the trunk's n_head."""
-  d_model: int
-  hidden: int
-  n_heads: int
+  n_heads: int = 1  # always given: model.n_head
   window: int = 4
-  norm_eps: float = 1e-5
-  init_std: float = 0.02
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  mesh: Mesh | None = None
-  rules: tuple = ()
 
   @nn.compact
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array, latents_BxTxKxD: Array, valid_BxTxK: Array) -> Array:
