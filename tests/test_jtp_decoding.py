@@ -106,7 +106,7 @@ def test_speculative_greedy_equals_autoregressive(model, mode, gamma):
 
 def test_a_restored_jtp_run_decodes_through_fetch(tmp_path):
   """`load_run` gives a JTP run its Fetch head and drafter; speculative == autoregressive (greedy), and
-  the first token is the argmax of the objective's own next-token logits. MTP runs are refused."""
+  the first token is the argmax of the objective's own next-token logits. BST runs are refused."""
   from nextlat_jax.decoding import cli
   from nextlat_jax.objectives import build
   from tests.test_decoding import _checkpoint
@@ -127,6 +127,6 @@ def test_a_restored_jtp_run_decodes_through_fetch(tmp_path):
   h = obj.modules["trunk"].apply({"params": run.params["trunk"]}, x, seg, pos)[0]
   ref = jtp.draft_logits(obj.modules, run.params, h[:, -1], x[:, -1], jnp.zeros((1, 0), jnp.int32))[:, 0]
   assert int(jnp.argmax(ref[0])) == int(ar.tokens_BxM[0, 0])
-  _checkpoint(tmp_path / "mtp", name="mtp", horizon=1)
-  with pytest.raises(ValueError, match="objective.name='mtp': decoding is not supported"):
-    cli.load_run(str(tmp_path / "mtp"))
+  _checkpoint(tmp_path / "bst", name="bst")
+  with pytest.raises(ValueError, match="objective.name='bst': decoding is not supported"):
+    cli.load_run(str(tmp_path / "bst"))

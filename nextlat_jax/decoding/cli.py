@@ -42,9 +42,8 @@ flags.DEFINE_enum("mode", "A", list(speculative.MODES), "A: draft 1 from the tru
                   "round); B: all drafts from p_psi (1 trunk call per round).")
 
 
-# Objectives whose next-token model is not a GPT trunk with its head (nor JTP's Fetch slot 0).
-UNDECODABLE = {"mtp": "its trunk has n_layer - 1 blocks and head 0 is a separate block",
-               "bst": "BST predicts through its text head on (prefix, suffix) pairs"}
+# Objectives whose next-token model is none of: a GPT trunk with its head, JTP's Fetch slot 0, MTP's head 0.
+UNDECODABLE = {"bst": "BST predicts through its text head on (prefix, suffix) pairs"}
 
 
 @dataclasses.dataclass
@@ -57,7 +56,7 @@ class Run:
   eos_id: int
   pad_id: int
   drafter: speculative.Drafter | None  # None for objectives without a drafter
-  head: gen.Head | None = None  # the next-token head; None: the trunk's (GPT, NextLat, DeepSeek MTP)
+  head: gen.Head | None = None  # the output path; None: the trunk's head (GPT, NextLat, DeepSeek MTP)
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
@@ -80,6 +79,9 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   elif name == "jtp":
     fetch = jtp.fetch_module(config)
     drafter, head = head_drafters.jtp_drafter(fetch, cfg), head_drafters.jtp_head(fetch, cfg)
+  elif name == "mtp":
+    n_heads = int(config.objective.horizon) + 1
+    drafter, head = head_drafters.mtp_drafter(cfg, n_heads), head_drafters.mtp_head(cfg, n_heads)
   return Run(config, params, step, cfg, int(info.eos_id), int(info.pad_id), drafter, head)
 
 
@@ -147,7 +149,7 @@ def decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sam
     return gen.generate_jit(run.params, prompt_BxP, len_B, key, head=run.head, **common)
   if run.drafter is None:
     raise ValueError(f"objective.name={run.config.objective.name!r}: no drafter for speculative decoding "
-                     "(NextLat and JTP runs only)")
+                     "(NextLat, MTP and JTP runs only)")
   policy = policy or draft_policies.DraftPolicy()
   if policy.longest > gamma_max:
     raise ValueError(f"gamma={policy.longest}: exceeds gamma_max={gamma_max}")

@@ -40,10 +40,14 @@ Params = Any
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Head:
-  """Next-token logits (float32) of the decoded model at positions with trunk state h and input token x:
-  logits(params, h_xD, x_x) -> logits_xV, any leading shape x."""
+  """The decoded model's output path. logits(params, h_xH, x_x) -> logits_xV (float32): next-token logits
+  at positions with state h and input token x, any leading shape. extend: for models whose cached stack
+  is not the trunk alone (MTP), (params, cfg, cache, tokens_BxT, eos_id, n_valid_B=None) -> (h_BxTxH,
+  cache) over `cache_layers` K/V layers; None: `kv_cache.extend` on params["trunk"]."""
   name: str
   logits: Callable[[Params, Array, Array], Array]
+  extend: Callable[..., tuple[Array, kv_cache.Cache]] | None = None
+  cache_layers: int = 0
 
 
 @functools.lru_cache(maxsize=32)
@@ -178,11 +182,26 @@ def extend_fn(use_cache: bool):
   return kv_cache.extend if use_cache else kv_cache.extend_nocache
 
 
+def block_fn(head: Head, use_cache: bool):
+  """(params, cfg, cache, tokens_BxT, eos_id) -> (h_BxTxH, cache): one call of the decoded model."""
+  if head.extend is not None:
+    if not use_cache:
+      raise ValueError(f"{head.name}: decoding needs the KV cache (no no-cache baseline)")
+    return head.extend
+  ext = extend_fn(use_cache)
+  return lambda params, cfg, cache, tokens_BxT, eos_id: ext(params["trunk"], cfg, cache, tokens_BxT, eos_id)
+
+
 def start(params: Params, cfg: ModelConfig, prompt_BxP: Array, prompt_len_B: Array, key: Array, *,
           sampling: Sampling, eos_id: int, size: int, use_cache: bool, head: Head | None = None):
   """Prefill, then sample the first new token: (cache, h_last_BxD, first_B)."""
-  trunk, head = params["trunk"], head or trunk_head(cfg)
-  h_BxPxD, cache = kv_cache.prefill(trunk, cfg, prompt_BxP, prompt_len_B, eos_id, size, use_cache)
+  head = head or trunk_head(cfg)
+  if head.extend is None:
+    h_BxPxD, cache = kv_cache.prefill(params["trunk"], cfg, prompt_BxP, prompt_len_B, eos_id, size, use_cache)
+  else:
+    block_fn(head, use_cache)  # refuses use_cache=False
+    cache = kv_cache.init_cache(dataclasses.replace(cfg, n_layer=head.cache_layers), prompt_BxP.shape[0], size)
+    h_BxPxD, cache = head.extend(params, cfg, cache, prompt_BxP, eos_id, prompt_len_B)
   idx_B = jnp.maximum(prompt_len_B - 1, 0)
   h_BxD = jnp.take_along_axis(h_BxPxD, idx_B[:, None, None], axis=1)[:, 0]
   x_B = jnp.take_along_axis(prompt_BxP, idx_B[:, None], axis=1)[:, 0]
@@ -195,7 +214,8 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
              use_cache: bool = True, limit_B: Array | None = None, head: Head | None = None) -> Output:
   """Autoregressive generation for right-padded prompts; params = {'trunk': ..., ...}."""
   B, P = prompt_BxP.shape
-  trunk, ext, head = params["trunk"], extend_fn(use_cache), head or trunk_head(cfg)
+  head = head or trunk_head(cfg)
+  ext = block_fn(head, use_cache)
   prompt_len_B = prompt_len_B.astype(jnp.int32)
   key, k0 = jax.random.split(key)
   cache, _, x_B = start(params, cfg, prompt_BxP, prompt_len_B, k0, sampling=sampling, eos_id=eos_id,
@@ -207,7 +227,7 @@ def generate(params: Params, prompt_BxP: Array, prompt_len_B: Array, key: Array,
 
   def body(state):
     cache, x_B, out, n_B, done_B, step = state
-    h_BxTxD, new = ext(trunk, cfg, cache, x_B[:, None], eos_id)
+    h_BxTxD, new = ext(params, cfg, cache, x_B[:, None], eos_id)
     cache = kv_cache.rollback(new, jnp.where(done_B, cache.length_B, new.length_B))
     logits_BxV = head.logits(params, h_BxTxD[:, 0], x_B)
     x_B = sample(jax.random.fold_in(key, step), probs(logits_BxV, sampling))

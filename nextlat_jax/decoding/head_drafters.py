@@ -9,8 +9,10 @@ drafts at most d = objective.horizon tokens, all teacher-forced on the drafts as
 draft re-runs the (d+1)-slot Fetch attention on the slot buffer; slots are causal, so entries past the
 current one do not change it. The verifier is the same trunk pass as for NextLat, with `jtp_head`.
 
-MTP (parallel heads) has no drafter here: each extra head is a transformer block over the whole prefix
-and would need a KV cache of its own in the verifier's loop (see docs/decoding.md).
+MTP (parallel heads): the deployed model is n_layer - 1 trunk blocks + head 0; every extra head is a
+block over the whole prefix, so the MTP model's cached call (`mtp_head(...).extend`) keeps K/V for the
+trunk blocks and for every head, and returns all heads' states at each new position. Draft j is head
+j + 1 at the last verified position (`mtp_drafter`), so drafting costs no model call.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nextlat_jax.decoding import kv_cache
 from nextlat_jax.decoding.generate import Head
 from nextlat_jax.decoding.speculative import Drafter
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, unembed
@@ -66,3 +69,48 @@ def jtp_drafter(fetch: Fetch, cfg: ModelConfig) -> Drafter:
     return h_BxD, jax.lax.dynamic_update_index_in_dim(toks_BxS1, x_B.astype(jnp.int32), j + 2, 1)
 
   return Drafter(name="jtp", start=start, logits=logits, feed=feed, max_drafts=d)
+
+
+@functools.lru_cache(maxsize=32)
+def mtp_head(cfg: ModelConfig, n_heads: int) -> Head:
+  """An MTP model (Gloeckle et al., as built for the paper): n_layer - 1 trunk blocks, then n_heads = d + 1
+  parallel one-block heads with their own norms, sharing the output head. Its cached call runs the trunk
+  blocks and every head block on the new tokens (cache layers: trunk, then head 0..d) and returns h as the
+  heads' states side by side, (B, T, n_heads * D); the next-token logits read head 0."""
+  D = cfg.d_model
+
+  def extend(params: Params, cfg_: ModelConfig, cache: kv_cache.Cache, tokens_BxT: Array, eos_id: Any,
+             n_valid_B: Array | None = None) -> tuple[Array, kv_cache.Cache]:
+    B, T = tokens_BxT.shape
+    start_B = cache.length_B
+    cache, positions_BxT, mask_Bx1xTxS = kv_cache.append_block(cache, tokens_BxT, eos_id)
+    x_BxTxD = jnp.take(params["trunk"]["embed"], tokens_BxT, axis=0).astype(DTYPES[cfg.dtype])
+    z_BxTxD, k_all, v_all = kv_cache.run_blocks(params["trunk"]["stack"], cfg, cfg.n_layer - 1, x_BxTxD,
+                                                cache.k_LxBxSxNxH, cache.v_LxBxSxNxH, start_B, positions_BxT,
+                                                mask_Bx1xTxS)
+    hs = []
+    for i in range(n_heads):
+      hp = params["heads"][f"head_{i}"]
+      x_BxTxD, k_all, v_all = kv_cache.cached_block(hp["block"], cfg, z_BxTxD, k_all, v_all, cfg.n_layer - 1 + i,
+                                                    start_B, positions_BxT, mask_Bx1xTxS)
+      hs.append(kv_cache.rms(x_BxTxD, hp["norm"]["scale"], cfg.norm_eps, jnp.float32))
+    return jnp.concatenate(hs, axis=-1), cache.replace(
+        k_LxBxSxNxH=k_all, v_LxBxSxNxH=v_all, length_B=start_B + kv_cache.advanced(n_valid_B, B, T))
+
+  def logits(params: Params, h_xH: Array, x_x: Array) -> Array:
+    return kv_cache.logits_at(params["trunk"], cfg, h_xH[..., :D])
+
+  return Head("mtp", logits, extend, cache_layers=cfg.n_layer - 1 + n_heads)
+
+
+@functools.lru_cache(maxsize=32)
+def mtp_drafter(cfg: ModelConfig, n_heads: int) -> Drafter:
+  """Draft j = head j + 1 at h_prev's position (head i there predicts the token i + 1 ahead, and the
+  pending token is head 0's): up to d = n_heads - 1 drafts per round, none depending on the others."""
+  D = cfg.d_model
+
+  def logits(params: Params, h_BxH: Array, j: Array) -> Array:
+    return kv_cache.logits_at(params["trunk"], cfg, jax.lax.dynamic_slice_in_dim(h_BxH, (j + 1) * D, D, axis=-1))
+
+  return Drafter(name="mtp", start=lambda params, h_prev_BxH, x_prev_B, pending_B: h_prev_BxH, logits=logits,
+                 feed=lambda params, h_BxH, x_B, j: h_BxH, max_drafts=n_heads - 1)

@@ -74,7 +74,7 @@ def write_rows(buf_BxSx: Array, new_BxTx: Array, start_B: Array) -> Array:
       buf_BxSx, new_BxTx.astype(buf_BxSx.dtype), start_B)
 
 
-def _rms(x: Array, scale: Array, eps: float, out_dtype: Any = None) -> Array:
+def rms(x: Array, scale: Array, eps: float, out_dtype: Any = None) -> Array:
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   return (y * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
@@ -89,11 +89,11 @@ def _write_layer(buf_LxBxSxNxH: Array, new_BxTxNxH: Array, layer: Array | int, s
                                                    indices_are_sorted=True, unique_indices=True)
 
 
-def _block(lp: Params, cfg: ModelConfig, x_BxTxD: Array, k_all: Array, v_all: Array, layer: Array | int,
+def cached_block(lp: Params, cfg: ModelConfig, x_BxTxD: Array, k_all: Array, v_all: Array, layer: Array | int,
            start_B: Array, positions_BxT: Array, mask_Bx1xTxS: Array):
   """One pre-norm block on the new tokens; returns (x, k cache, v cache) with the block's K/V written."""
   dtype = DTYPES[cfg.dtype]
-  y = _rms(x_BxTxD, lp["attn_norm"]["scale"], cfg.norm_eps)
+  y = rms(x_BxTxD, lp["attn_norm"]["scale"], cfg.norm_eps)
   qkv_3xBxTxNxH = jnp.einsum("btd,dcnh->cbtnh", y.astype(dtype), lp["qkv"]["kernel"].astype(dtype))
   q, k, v = qkv_3xBxTxNxH[0], qkv_3xBxTxNxH[1], qkv_3xBxTxNxH[2]
   q, k = rope(q, positions_BxT, cfg.rope_base), rope(k, positions_BxT, cfg.rope_base)
@@ -101,10 +101,44 @@ def _block(lp: Params, cfg: ModelConfig, x_BxTxD: Array, k_all: Array, v_all: Ar
   o_BxTxNxH = jax.nn.dot_product_attention(q, k_all[layer].astype(dtype), v_all[layer].astype(dtype),
                                            mask=mask_Bx1xTxS)
   x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH, lp["out"]["kernel"].astype(dtype))
-  y = _rms(x_BxTxD, lp["mlp_norm"]["scale"], cfg.norm_eps)
+  y = rms(x_BxTxD, lp["mlp_norm"]["scale"], cfg.norm_eps)
   gate_up_BxTx2xF = jnp.einsum("btd,dcf->btcf", y.astype(dtype), lp["mlp_in"]["kernel"].astype(dtype))
   f_BxTxF = jax.nn.silu(gate_up_BxTx2xF[:, :, 0]) * gate_up_BxTx2xF[:, :, 1]
   x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", f_BxTxF, lp["mlp_out"]["kernel"].astype(dtype))
+  return x_BxTxD, k_all, v_all
+
+
+def append_block(cache: Cache, tokens_BxT: Array, eos_id: int | Array) -> tuple[Cache, Array, Array]:
+  """Writes a block's tokens / segment ids / positions after each row's cached slots (the length is
+  not advanced yet); returns (cache, positions_BxT, attention mask Bx1xTxS over all slots)."""
+  T, S = tokens_BxT.shape[1], cache.tokens_BxS.shape[1]
+  start_B = cache.length_B
+  segment_BxT, positions_BxT = block_layout(cache, tokens_BxT, eos_id)
+  segment_BxS = write_rows(cache.segment_BxS, segment_BxT, start_B)
+  cache = cache.replace(tokens_BxS=write_rows(cache.tokens_BxS, tokens_BxT, start_B),
+                        segment_BxS=segment_BxS,
+                        position_BxS=write_rows(cache.position_BxS, positions_BxT, start_B))
+  t_abs_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
+  visible_BxTxS = ((jnp.arange(S, dtype=jnp.int32)[None, None, :] <= t_abs_BxT[:, :, None])
+                   & (segment_BxS[:, None, :] == segment_BxT[:, :, None]))
+  return cache, positions_BxT, visible_BxTxS[:, None]
+
+
+def run_blocks(stack_params: Params, cfg: ModelConfig, n_layer: int, x_BxTxD: Array, k_all: Array, v_all: Array,
+               start_B: Array, positions_BxT: Array, mask_Bx1xTxS: Array, first_layer: int = 0):
+  """n_layer blocks (`blocks` stacked, or `block_{i}`) on the new tokens, writing cache layers
+  first_layer .. first_layer + n_layer - 1; returns (x, k cache, v cache)."""
+  if "blocks" in stack_params:
+    def body(carry, lp_i):
+      x, k_all, v_all = carry
+      lp, i = lp_i
+      return cached_block(lp, cfg, x, k_all, v_all, i, start_B, positions_BxT, mask_Bx1xTxS), None
+    (x_BxTxD, k_all, v_all), _ = jax.lax.scan(
+        body, (x_BxTxD, k_all, v_all), (stack_params["blocks"], first_layer + jnp.arange(n_layer)))
+    return x_BxTxD, k_all, v_all
+  for i in range(n_layer):
+    x_BxTxD, k_all, v_all = cached_block(stack_params[f"block_{i}"], cfg, x_BxTxD, k_all, v_all, first_layer + i,
+                                   start_B, positions_BxT, mask_Bx1xTxS)
   return x_BxTxD, k_all, v_all
 
 
@@ -116,34 +150,18 @@ def extend(trunk_params: Params, cfg: ModelConfig, cache: Cache, tokens_BxT: Arr
   slots beyond it hold scratch and are overwritten later.
   """
   B, T = tokens_BxT.shape
-  S = cache.tokens_BxS.shape[1]
   start_B = cache.length_B
-  segment_BxT, positions_BxT = block_layout(cache, tokens_BxT, eos_id)
-  segment_BxS = write_rows(cache.segment_BxS, segment_BxT, start_B)
-  cache = cache.replace(tokens_BxS=write_rows(cache.tokens_BxS, tokens_BxT, start_B),
-                        segment_BxS=segment_BxS,
-                        position_BxS=write_rows(cache.position_BxS, positions_BxT, start_B))
-  t_abs_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
-  visible_BxTxS = ((jnp.arange(S, dtype=jnp.int32)[None, None, :] <= t_abs_BxT[:, :, None])
-                   & (segment_BxS[:, None, :] == segment_BxT[:, :, None]))
-  mask_Bx1xTxS = visible_BxTxS[:, None]
-
+  cache, positions_BxT, mask_Bx1xTxS = append_block(cache, tokens_BxT, eos_id)
   x_BxTxD = jnp.take(trunk_params["embed"], tokens_BxT, axis=0).astype(DTYPES[cfg.dtype])
-  k_all, v_all = cache.k_LxBxSxNxH, cache.v_LxBxSxNxH
-  if "blocks" in trunk_params:
-    def body(carry, lp_i):
-      x, k_all, v_all = carry
-      lp, i = lp_i
-      return _block(lp, cfg, x, k_all, v_all, i, start_B, positions_BxT, mask_Bx1xTxS), None
-    (x_BxTxD, k_all, v_all), _ = jax.lax.scan(
-        body, (x_BxTxD, k_all, v_all), (trunk_params["blocks"], jnp.arange(cfg.n_layer)))
-  else:
-    for i in range(cfg.n_layer):
-      x_BxTxD, k_all, v_all = _block(trunk_params[f"block_{i}"], cfg, x_BxTxD, k_all, v_all, i, start_B,
-                                     positions_BxT, mask_Bx1xTxS)
-  h_BxTxD = _rms(x_BxTxD, trunk_params["final_norm"]["scale"], cfg.norm_eps, jnp.float32)
-  advance_B = jnp.full((B,), T, jnp.int32) if n_valid_B is None else n_valid_B.astype(jnp.int32)
-  return h_BxTxD, cache.replace(k_LxBxSxNxH=k_all, v_LxBxSxNxH=v_all, length_B=start_B + advance_B)
+  x_BxTxD, k_all, v_all = run_blocks(trunk_params, cfg, cfg.n_layer, x_BxTxD, cache.k_LxBxSxNxH, cache.v_LxBxSxNxH,
+                                     start_B, positions_BxT, mask_Bx1xTxS)
+  h_BxTxD = rms(x_BxTxD, trunk_params["final_norm"]["scale"], cfg.norm_eps, jnp.float32)
+  return h_BxTxD, cache.replace(k_LxBxSxNxH=k_all, v_LxBxSxNxH=v_all, length_B=start_B + advanced(n_valid_B, B, T))
+
+
+def advanced(n_valid_B: Array | None, batch: int, block: int) -> Array:
+  """How far each row's length moves after a block: the block, or the valid part of it."""
+  return jnp.full((batch,), block, jnp.int32) if n_valid_B is None else n_valid_B.astype(jnp.int32)
 
 
 def extend_nocache(trunk_params: Params, cfg: ModelConfig, cache: Cache, tokens_BxT: Array, eos_id: int | Array,

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from nextlat_jax.decoding import draft_policies, kv_cache
-from nextlat_jax.decoding.generate import (Head, Output, Sampling, append, extend_fn, finish, limits, probs, sample,
+from nextlat_jax.decoding.generate import (Head, Output, Sampling, append, block_fn, finish, limits, probs, sample,
                                            start, trunk_head)
 from nextlat_jax.models.dynamics import dynamics_step, init_carry
 from nextlat_jax.models.transformer import ModelConfig
@@ -130,16 +130,16 @@ def accept(key: Array, p_BxG1xV: Array, q_BxGxV: Array, drafts_BxG: Array, n_B: 
   return k_B, sample(k_x, w_BxV), ok_BxG
 
 
-def _verify_call(trunk: Params, cfg: ModelConfig, cache: kv_cache.Cache, block_BxG1: Array, need: Array,
-                 sizes: tuple[int, ...], eos_id: int, use_cache: bool):
-  """One trunk call on block[:, :m], m the smallest of `sizes` >= need (lax.switch); h padded to G + 1."""
+def _verify_call(call: Callable, params: Params, cfg: ModelConfig, cache: kv_cache.Cache, block_BxG1: Array,
+                 need: Array, sizes: tuple[int, ...], eos_id: int, use_cache: bool):
+  """One model call on block[:, :m], m the smallest of `sizes` >= need (lax.switch); h padded to G + 1."""
   G1 = block_BxG1.shape[1]
   if not use_cache:
-    return kv_cache.extend_nocache(trunk, cfg, cache, block_BxG1, eos_id)
+    return call(params, cfg, cache, block_BxG1, eos_id)
 
   def branch(m: int):
     def fn(cache):
-      h_BxMxD, cache = kv_cache.extend(trunk, cfg, cache, block_BxG1[:, :m], eos_id)
+      h_BxMxD, cache = call(params, cfg, cache, block_BxG1[:, :m], eos_id)
       return jnp.pad(h_BxMxD, ((0, 0), (0, G1 - m), (0, 0))), cache
     return fn
   if len(sizes) == 1:
@@ -163,14 +163,13 @@ class State:
 
 def verify_round(st: State, key: Array, n_cap_B: Array, active_B: Array, *, params, cfg, drafter, sampling,
                   policy, gamma_max, sizes, eos_id, fin, use_cache, head) -> State:
-  trunk = params["trunk"]
   k_draft, k_acc = jax.random.split(key)
   n_cap_B = jnp.where(active_B, n_cap_B, 0)
   drafts_BxG, q_BxGxV, n_B = draft(drafter, params, st.h_prev_BxD, st.x_prev_B, st.pending_B, n_cap_B, k_draft,
                                    sampling=sampling, policy=policy, gamma_max=gamma_max)
   block_BxG1 = jnp.concatenate([st.pending_B[:, None], drafts_BxG], axis=1)
-  h_BxG1xD, cache = _verify_call(trunk, cfg, st.cache, block_BxG1, jnp.max(n_B) + 1, sizes, eos_id,
-                                 use_cache)
+  h_BxG1xD, cache = _verify_call(block_fn(head, use_cache), params, cfg, st.cache, block_BxG1,
+                                 jnp.max(n_B) + 1, sizes, eos_id, use_cache)
   p_BxG1xV = probs(head.logits(params, h_BxG1xD, block_BxG1), sampling)
   k_B, x_B, ok_BxG = accept(k_acc, p_BxG1xV, q_BxGxV, drafts_BxG, n_B)
   j_G1 = jnp.arange(gamma_max + 1)[None]
@@ -197,8 +196,8 @@ def verify_round(st: State, key: Array, n_cap_B: Array, active_B: Array, *, para
 
 def ar_step(st: State, key: Array, *, params, cfg, sampling, eos_id, fin, use_cache, head) -> State:
   """Mode A's first step: the trunk on `pending` gives the true h; sample draft 1 from it."""
-  trunk, active_B = params["trunk"], ~st.done_B
-  h_Bx1xD, cache = extend_fn(use_cache)(trunk, cfg, st.cache, st.pending_B[:, None], eos_id)
+  active_B = ~st.done_B
+  h_Bx1xD, cache = block_fn(head, use_cache)(params, cfg, st.cache, st.pending_B[:, None], eos_id)
   cache = kv_cache.rollback(cache, jnp.where(active_B, cache.length_B, st.cache.length_B))
   x_B = sample(key, probs(head.logits(params, h_Bx1xD[:, 0], st.pending_B), sampling))
   out, n_B, finished_B = fin(st.out_BxM, st.n_B, x_B[:, None], active_B.astype(jnp.int32))
