@@ -19,6 +19,8 @@ import pytest
 from nextlat_jax import objectives
 from nextlat_jax.config import ConfigError, base_config, validate
 
+from tests.batches import contract_fields, random_rows
+
 EOS, PAD, V, D, H_PSI, B, L, HORIZON, LAM_H, LAM_KL = 1, 0, 16, 32, 48, 4, 12, 2, 0.7, 0.3
 FAST = {"xla_backend_optimization_level": 0}
 DEFAULTS = dict(next_h_stop_gradient=True, kl_frozen_head=True, token_loss="kl", next_h_loss="smooth_l1")
@@ -36,21 +38,11 @@ def make_config(**switches):
 
 def make_batch():
   """Packed rows with EOS crossings, context-length-1 prompt masks and tail padding (METHOD §2)."""
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(2, V, size=(B, L))
-  tokens[rng.random((B, L)) < 0.2] = EOS
+  tokens = random_rows(np.random.default_rng(0), B, L, V, EOS, 0.2)
   tokens[0, 4] = EOS
   valid = np.ones((B, L), bool)
   valid[1, L - 3:] = False
-  tokens[~valid] = PAD
-  t = np.arange(L)
-  is_eos = tokens == EOS
-  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  loss_mask = valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))
-  return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.where(valid, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
-          "positions": np.where(valid, positions, 0).astype(np.int32),
-          "loss_mask": loss_mask.astype(np.int32)}
+  return contract_fields(tokens, valid, EOS, PAD)
 
 
 BATCH = make_batch()

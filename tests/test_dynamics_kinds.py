@@ -26,6 +26,8 @@ from nextlat_jax.models.transformer import ModelConfig
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
 
+from tests.batches import contract_fields, random_rows
+
 # L = 17 as in tests/test_sharding.py: with 2 rows per batch shard and rows of <= 13 tokens XLA (jax 0.10,
 # CPU) gets the mlp kind's p_psi gradients wrong on the (2, 2, 2) mesh (docs/research.md).
 EOS, PAD, V, D, H, B, L, WINDOW, LR = 1, 0, 16, 32, 48, 8, 17, 2, 3e-3
@@ -47,17 +49,10 @@ def make_config(kind, shape=(1, 1, 1), horizon=2, init_std=0.02):
 
 def local_batch(seed):
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, V, size=(B, L))
-  tokens[rng.random((B, L)) < 0.15] = EOS
+  tokens = random_rows(rng, B, L, V, EOS, 0.15)
   valid = np.ones((B, L), bool)
   valid[2, L - 3:] = False
-  tokens[~valid] = PAD
-  t, is_eos = np.arange(L), tokens == EOS
-  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.where(valid, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
-          "positions": np.where(valid, positions, 0).astype(np.int32),
-          "loss_mask": (valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))).astype(np.int32)}
+  return contract_fields(tokens, valid, EOS, PAD)
 
 
 def count(tree):

@@ -25,6 +25,8 @@ from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import optimizer as opt_lib
 from nextlat_jax.train import step as step_lib
 
+from tests.batches import contract_fields, random_rows
+
 EOS, V, D, B, L = 1, 16, 32, 8, 17
 A, Bc, C = opt_lib.NS_COEFFS
 
@@ -110,20 +112,11 @@ def make_config(shape=(1, 1, 1), **opt):
 def local_batch(seed):
   """Packed rows with EOS crossings and tail padding (as tests/test_sharding.py)."""
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, V, size=(B, L))
-  tokens[rng.random((B, L)) < 0.15] = EOS
+  tokens = random_rows(rng, B, L, V, EOS, 0.15)
   valid = np.ones((B, L), bool)
   for b, n_pad in enumerate(rng.integers(0, 4, size=B)):
     valid[b, L - n_pad:] = False
-  tokens[~valid] = 0
-  is_eos = tokens == EOS
-  t = np.arange(L)
-  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  loss_mask = valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))
-  return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.where(valid, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
-          "positions": np.where(valid, positions, 0).astype(np.int32),
-          "loss_mask": loss_mask.astype(np.int32)}
+  return contract_fields(tokens, valid, EOS)
 
 
 def test_routing_and_matrix_axes():

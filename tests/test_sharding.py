@@ -18,6 +18,8 @@ from nextlat_jax.config import base_config, validate
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
 
+from tests.batches import contract_fields, random_rows
+
 EOS, PAD, V, D, B, L = 1, 0, 16, 32, 8, 17
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2))  # (data, fsdp, tensor)
 STEPS = 2
@@ -40,21 +42,11 @@ def make_config(objective, shape):
 def local_batch(seed):
   """Packed rows (METHOD §2) with EOS crossings, context_length-1 prompt masks and tail padding."""
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, V, size=(B, L))
-  tokens[rng.random((B, L)) < 0.15] = EOS
+  tokens = random_rows(rng, B, L, V, EOS, 0.15)
   valid = np.ones((B, L), bool)
   for b, n_pad in enumerate(rng.integers(0, 4, size=B)):
     valid[b, L - n_pad:] = False
-  tokens[~valid] = PAD
-  is_eos = tokens == EOS
-  segment_ids = np.cumsum(is_eos, axis=1)
-  t = np.arange(L)
-  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  loss_mask = valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))
-  return {'tokens': tokens.astype(np.int32),
-          'segment_ids': np.where(valid, segment_ids, -1).astype(np.int32),
-          'positions': np.where(valid, positions, 0).astype(np.int32),
-          'loss_mask': loss_mask.astype(np.int32)}
+  return contract_fields(tokens, valid, EOS, PAD)
 
 
 @functools.lru_cache(maxsize=None)
