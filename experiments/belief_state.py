@@ -147,8 +147,8 @@ def table(rows: dict, args: argparse.Namespace, seeds: list[int]) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_size_args(p: argparse.ArgumentParser) -> None:
+  """The model / budget flags shared with experiments/nextlat_variants.py."""
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--d_model", type=int, default=64)
@@ -156,6 +156,11 @@ def main() -> None:
   p.add_argument("--horizon", type=int, default=1)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--muon_lr", type=float, default=0.02)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_size_args(p)
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--belief_rows", type=int, default=1024)
   p.add_argument("--workdir", default="/tmp/nextlat_belief_state")

@@ -301,13 +301,7 @@ def run_all(args: argparse.Namespace) -> dict:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--steps", type=int, default=600)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--d_model", type=int, default=64)
-  p.add_argument("--n_layer", type=int, default=2)
-  p.add_argument("--horizon", type=int, default=1)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--muon_lr", type=float, default=0.02)
+  bs.add_size_args(p)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--belief_rows", type=int, default=1024)
   p.add_argument("--ce_window", type=int, default=50, help="train CE: mean of the logged steps in the last N")
