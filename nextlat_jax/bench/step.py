@@ -102,15 +102,8 @@ def _resolve(config: ml_collections.ConfigDict, num_devices: int) -> tuple[ml_co
       config.data = ml_collections.ConfigDict(dict(data.to_dict(), name="random", eos_id=eos))
     return config, rows, L
   from nextlat_jax.data import pipeline
-  try:
-    info = pipeline.dataset_info(config.data)
-  except (ValueError, FileNotFoundError) as e:
-    raise config_lib.ConfigError("data", config.data.get("name"), str(e)) from None
-  with config.unlocked():
-    if not config.model.vocab_size:
-      config.model.vocab_size = info.vocab_size
-    config.data.eos_id = info.eos_id
-  config_lib.validate(config, num_devices, data_vocab=info.vocab_size)
+  from nextlat_jax.train.trainer import resolve
+  config, info = resolve(config, num_devices)
   ds = pipeline.make_dataset(config.data, split="train", global_batch_size=B, seed=int(config.seed),
                              process_index=0, process_count=1)
   return config, {k: np.asarray(v) for k, v in ds[0].items()}, info.row_len

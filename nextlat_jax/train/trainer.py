@@ -30,8 +30,10 @@ from nextlat_jax.train.metrics_writer import MetricsWriter
 log = logging.getLogger(__name__)
 
 
-def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, pipeline.DatasetInfo]:
-  """Fills dataset-derived values (vocab size, EOS id) and validates; returns a locked copy."""
+def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None
+            ) -> tuple[ml_collections.ConfigDict, pipeline.DatasetInfo]:
+  """Fills dataset-derived values (vocab size, EOS id) and validates for `num_devices` (default: all
+  devices); returns a locked copy."""
   config = ml_collections.ConfigDict(config.to_dict())
   try:
     info = pipeline.dataset_info(config.data)
@@ -41,7 +43,8 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
     if not config.model.vocab_size:
       config.model.vocab_size = info.vocab_size
     config.data.eos_id = info.eos_id
-  config_lib.validate(config, jax.device_count(), data_vocab=info.vocab_size)
+  config_lib.validate(config, jax.device_count() if num_devices is None else num_devices,
+                      data_vocab=info.vocab_size)
   config.lock()
   return config, info
 
