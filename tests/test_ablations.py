@@ -19,7 +19,7 @@ import pytest
 from nextlat_jax import objectives
 from nextlat_jax.config import ConfigError, base_config, validate
 
-from tests.batches import contract_fields, random_rows
+from tests.tiny import contract_fields, random_rows
 
 EOS, PAD, V, D, H_PSI, B, L, HORIZON, LAM_H, LAM_KL = 1, 0, 16, 32, 48, 4, 12, 2, 0.7, 0.3
 FAST = {"xla_backend_optimization_level": 0}

@@ -11,12 +11,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from nextlat_jax import objectives
-from nextlat_jax.config import ConfigError, base_config, validate
+from nextlat_jax.config import ConfigError, validate
 from nextlat_jax.decoding import draft_policies as dp
 from nextlat_jax.decoding import generate as gen
 from nextlat_jax.decoding import speculative as spec
@@ -26,7 +25,7 @@ from nextlat_jax.models.transformer import ModelConfig
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
 
-from tests.batches import contract_fields, random_rows
+from tests.tiny import contract_fields, random_rows, tiny_config
 
 # L = 17 as in tests/test_sharding.py: with 2 rows per batch shard and rows of <= 13 tokens XLA (jax 0.10,
 # CPU) gets the mlp kind's p_psi gradients wrong on the (2, 2, 2) mesh (docs/research.md).
@@ -36,14 +35,10 @@ FAST = {"xla_backend_optimization_level": 0}
 
 
 def make_config(kind, shape=(1, 1, 1), horizon=2, init_std=0.02):
-  c = base_config()
-  c.model.update(vocab_size=V, d_model=D, n_layer=2, n_head=4, ffn_width=64, init_std=init_std)
-  c.dynamics.update(kind=kind, hidden=H, layers=2, window=WINDOW)
-  c.objective.update(name="nextlat", horizon=horizon, lambda_next_h=1.0, lambda_kl=1.0)
+  c = tiny_config(shape, vocab=V, d_model=D, batch=B, eos=EOS, dynamics_hidden=H, init_std=init_std)
+  c.dynamics.update(kind=kind, layers=2, window=WINDOW)
+  c.objective.horizon = horizon
   c.optimizer.update(lr=LR, weight_decay=0.1, grad_clip=1.0)
-  c.data = ml_collections.ConfigDict({"eos_id": EOS})
-  c.batch_size, c.steps = B, 10
-  c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
   return c
 
 

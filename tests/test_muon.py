@@ -14,18 +14,17 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from nextlat_jax.config import ConfigError, base_config, validate
+from nextlat_jax.config import ConfigError, validate
 from nextlat_jax.parallel import sharding
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import optimizer as opt_lib
 from nextlat_jax.train import step as step_lib
 
-from tests.batches import contract_fields, random_rows
+from tests.tiny import contract_fields, random_rows, tiny_config
 
 EOS, V, D, B, L = 1, 16, 32, 8, 17
 A, Bc, C = opt_lib.NS_COEFFS
@@ -98,14 +97,9 @@ def test_muon_chain_equals_direct_and_optax_contrib(nesterov, rms):
 
 
 def make_config(shape=(1, 1, 1), **opt):
-  c = base_config()
-  c.model.update(vocab_size=V, d_model=D, n_layer=2, n_head=4, ffn_width=64)
-  c.dynamics.hidden = 48
-  c.objective.update(name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0)
+  c = tiny_config(shape, vocab=V, d_model=D, batch=B, eos=EOS)
+  c.objective.horizon = 1
   c.optimizer.update(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1, grad_clip=0.0, **opt)
-  c.data = ml_collections.ConfigDict({"eos_id": EOS})
-  c.batch_size, c.steps = B, 10
-  c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
   return c
 
 

@@ -9,16 +9,15 @@ import functools
 import math
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from nextlat_jax.config import base_config, validate
+from nextlat_jax.config import validate
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
 
-from tests.batches import contract_fields, random_rows
+from tests.tiny import contract_fields, random_rows, tiny_config
 
 EOS, PAD, V, D, B, L = 1, 0, 16, 32, 8, 17
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2))  # (data, fsdp, tensor)
@@ -27,15 +26,9 @@ LR = 1e-3
 
 
 def make_config(objective, shape):
-  c = base_config()
-  c.model.update(vocab_size=V, d_model=D, n_layer=2, n_head=4, ffn_width=64)
-  c.dynamics.hidden = 48
-  c.objective.update(name=objective, horizon=2, lambda_next_h=1.0, lambda_kl=1.0)
+  c = tiny_config(shape, vocab=V, d_model=D, batch=B, eos=EOS)
+  c.objective.update(name=objective, horizon=2)
   c.optimizer.update(lr=LR, weight_decay=0.1, grad_clip=1.0)
-  c.data = ml_collections.ConfigDict({'eos_id': EOS})
-  c.batch_size = B
-  c.steps = 10
-  c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
   return c
 
 
