@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
   c.peak_flops_per_device = 0.0  # for MFU; 0: from the table of known chips (none for CPUs)
   c.nan_guard = "skip"  # a NaN/inf loss or gradient: "skip" the update (counted) or "stop" the run
+  c.train = ml_collections.ConfigDict(dict(
+      # Before step 0 on a multi-device mesh: a tiny model with this run's mesh, rules, objective, rows
+      # per shard and row length compares sharded and single-device gradients (parallel/canary.py).
+      sharding_canary=True,
+  ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=0,  # save every N steps (and at the end, on SIGTERM); 0: no checkpoints
       keep=3,  # keep the last K ...
@@ -116,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
       async_save=True,
       snapshot_on_device=True,  # copy the state on device and save from a background thread
       restore_from=ml_collections.config_dict.placeholder(str),  # start from another run's checkpoint
+      # A workdir whose checkpoints are all unreadable stops the run; True moves them aside
+      # (<step>.corrupt) and starts fresh instead. Incompatible checkpoints always stop it.
+      allow_fresh_start=False,
   ))
   return c
 

@@ -14,7 +14,7 @@ import pytest
 
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint, evaluate
+from nextlat_jax.train import checkpoint, evaluate, resume
 from nextlat_jax.train import step as step_lib
 from tests.conftest import REPO
 
@@ -158,23 +158,21 @@ def test_corrupt_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   config = _config()
   setup = _setup(config, jax.devices()[:1])
   state = setup.init(jax.random.PRNGKey(0))
-  data_iter = pipeline.BatchIterator(
-      pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0,
-                            process_count=1), 0, {})
-  mgr = checkpoint.manager(str(tmp_path), config.checkpoint)
+  mgr = checkpoint.manager(str(tmp_path / "checkpoints"), config.checkpoint)
   for step in (1, 2):
     state, _ = setup.step(state, _batch(config, setup), jax.random.PRNGKey(0))
-    checkpoint.save(mgr, step, state, data_iter, config, force=True)
+    checkpoint.save(mgr, step, state, None, config, force=True)
     mgr.wait_until_finished()
   # Corrupt every file of the newest checkpoint's parameters.
-  for root, _, files in os.walk(tmp_path / "2" / "params"):
+  for root, _, files in os.walk(tmp_path / "checkpoints" / "2" / "params"):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
   with caplog.at_level("WARNING", logger="nextlat_jax"):
-    restored = checkpoint.restore_latest(mgr, setup.abstract_state)
+    restored = resume.resume(str(tmp_path), setup.abstract_state, None, json.loads(config.to_json()))
   assert int(restored.step) == 1
-  assert any(f"checkpoint {tmp_path}/2 is unreadable" in r.getMessage() for r in caplog.records), caplog.text
+  assert any(f"checkpoint {tmp_path}/checkpoints/2 is unreadable" in r.getMessage() for r in caplog.records), caplog.text
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2.corrupt"]
 
 
 @pytest.mark.parametrize("guard", ["skip", "stop"])

@@ -45,7 +45,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 8, saves: int = 4, direc
     step_times.append(time.perf_counter() - t0)
 
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
-    mgr = checkpoint.manager(tmp, ml_collections.ConfigDict({"keep": 2, "async_save": True}))
+    mgr = checkpoint.manager(tmp, ml_collections.ConfigDict(dict(config.checkpoint.to_dict(), keep=2, async_save=True)))
     saver = checkpoint.BackgroundSaver(mgr, snapshot_on_device)
     blocking, total = [], []
     config_dict = json.loads(config.to_json())

@@ -125,6 +125,10 @@ def make_dataset(
   return ds[process_index::process_count]  # global step s = local batches s*P .. s*P + P - 1
 
 
+class DataStateMismatch(ValueError):
+  """A saved data-iterator state that does not belong to this run's data layout (not a damaged file)."""
+
+
 class BatchIterator:
   """Local batches of a step-indexed dataset (or of a stream) from a given step, with prefetch.
 
@@ -190,14 +194,14 @@ class BatchIterator:
     saved = json.loads(state)
     for key, value in self._layout.items():
       if saved.get(key) != value:
-        raise ValueError(f'data iterator state was saved with {key}={saved.get(key)!r}, '
-                         f'this run has {key}={value!r}')
+        raise DataStateMismatch(f'data iterator state was saved with {key}={saved.get(key)!r}, '
+                                f'this run has {key}={value!r}')
     if not self._stream:
       self.seek(saved['step'])
       return
     if 'stream' not in saved:
-      raise ValueError('data iterator state has no stream position (saved by an index-addressable '
-                       'source?); this run streams its data')
+      raise DataStateMismatch('data iterator state has no stream position (saved by an index-addressable '
+                              'source?); this run streams its data')
     self._it.set_state(saved['stream'])
     self.step = int(saved['step'])
 
@@ -214,3 +218,29 @@ class BatchIterator:
 
   def start_prefetch(self) -> None:
     """Part of grain's checkpoint protocol; prefetch starts on the first `next`."""
+
+
+def process_row_ranges(batch_sharding, global_batch: int, row_len: int, process_of=None) -> dict[int, set]:
+  """Process index -> the set of global batch rows its addressable devices hold (any mesh layout).
+
+  `process_of(device)` defaults to `device.process_index` (tests pass another to emulate hosts)."""
+  process_of = process_of or (lambda d: d.process_index)
+  rows: dict[int, set] = {}
+  for device, (row_slice, _) in batch_sharding.devices_indices_map((global_batch, row_len)).items():
+    start, stop, _ = row_slice.indices(global_batch)
+    rows.setdefault(process_of(device), set()).update(range(start, stop))
+  return rows
+
+
+def check_process_rows(batch_sharding, global_batch: int, row_len: int, process_count: int,
+                       process_of=None) -> None:
+  """Raises ValueError unless process p's devices hold exactly rows p*B/P .. (p+1)*B/P - 1 of each
+  global batch: the rows `make_dataset` gives it (e.g. wrong when mesh.tensor spans processes)."""
+  local = global_batch // process_count
+  for p, rows in sorted(process_row_ranges(batch_sharding, global_batch, row_len, process_of).items()):
+    want = set(range(p * local, (p + 1) * local))
+    if rows != want:
+      got = f"{min(rows)}..{max(rows)}" + ("" if len(rows) == max(rows) - min(rows) + 1 else " (not contiguous)")
+      raise ValueError(f"process {p}'s devices hold rows {got} of each global batch of {global_batch}, but the "
+                       f"data gives process p rows p*{local}..(p+1)*{local}-1; every batch (data, fsdp) shard "
+                       "and its tensor-parallel replicas must sit on one process (keep mesh.tensor within a host)")
