@@ -23,8 +23,10 @@ rate x a running mean of valid pairs; we have no running state.
 
 Loss: (CE_next + CE_prev) / 2 per pair; objective.bst_normalize = "row" (default: mean over a row's
 pairs, then the sum over rows / B; the reference's mean of per-chunk means when a row fits one chunk) or
-"pair" (mean over all pairs of the batch). Pairs are processed in chunks of objective.bst_pair_chunk per
-row under lax.scan with jax.checkpoint, so memory is O(B x chunk x (D + H' + V)).
+"pair" (mean over all pairs of the batch); both are exact under gradient accumulation (`counts`: rows
+and pairs), though with bst_pair_fraction < 1 each microbatch draws its own pairs. Pairs are processed in
+chunks of objective.bst_pair_chunk per row under lax.scan with jax.checkpoint, so memory is
+O(B x chunk x (D + H' + V)).
 
 hidden(): the forward encoder's output. Generation: `next_token_logits` (forward state + the backward
 state of a lone EOS).
@@ -42,7 +44,7 @@ import numpy as np
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, RMSNorm, Stack, _init, ffn_width, unembed
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
@@ -169,18 +171,29 @@ def build(config: Any, mesh: Any = None) -> Objective:
     return jnp.sum(ce * m_BxC, axis=1)
 
   chunk_loss = jax.checkpoint(chunk_loss)
+  budget = lambda P: max(1, math.ceil(fraction * P))  # pairs kept per row when fraction < 1
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    """{"rows": B, "pairs": the trained pairs}. The selection keeps every valid pair up to the row's
+    budget (valid pairs outrank invalid ones), so a row's count is min(valid, budget) whatever the rng."""
+    B, L = batch["tokens"].shape
+    s_P, u_P = candidate_pairs(L, min_gap, max_gap)
+    valid_B = jnp.sum(pair_valid(batch, jnp.asarray(s_P), jnp.asarray(u_P), eos_id), axis=1)
+    if fraction < 1.0:
+      valid_B = jnp.minimum(valid_B, budget(len(s_P)))
+    return {"rows": jnp.asarray(B, jnp.float32), "pairs": jnp.sum(valid_B.astype(jnp.float32))}
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     x_BxL = batch["tokens"]
     B, L = x_BxL.shape
     f_BxLxD, b_BxLxD = encode(modules, params, batch, eos_id)
     s_P, u_P = candidate_pairs(L, min_gap, max_gap)
     s, u = jnp.asarray(s_P), jnp.asarray(u_P)
     if fraction < 1.0:
-      budget = max(1, math.ceil(fraction * len(s_P)))
+      keep = budget(len(s_P))
       ok_BxP = pair_valid(batch, s, u, eos_id)
       prio = jnp.where(ok_BxP, 1.0 + touches_eos(batch, s, u, eos_id), -1.0)
-      _, pick_BxK = jax.lax.top_k(prio + jax.random.uniform(rng, ok_BxP.shape), budget)
+      _, pick_BxK = jax.lax.top_k(prio + jax.random.uniform(rng, ok_BxP.shape), keep)
       s, u = jnp.take(s, pick_BxK), jnp.take(u, pick_BxK)
     P = s.shape[-1]
     size = min(chunk, P)
@@ -198,10 +211,13 @@ def build(config: Any, mesh: Any = None) -> Objective:
 
     sums_B, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (split(s), split(u), split(m)))
     counts_B = jnp.sum(m, axis=1).astype(jnp.float32)
+    # "row": each row's mean is row-local, so only the number of rows is the whole batch's
+    rows = B if counts is None else counts["rows"]
     if normalize == "row":
-      total = jnp.sum(sums_B / jnp.maximum(counts_B, 1.0)) / B
+      total = jnp.sum(sums_B / jnp.maximum(counts_B, 1.0)) / rows
     else:
-      total = jnp.sum(sums_B) / jnp.maximum(jnp.sum(counts_B), 1.0)
-    return total, {"loss": total, "pairs": jnp.sum(counts_B) / B}
+      pairs = jnp.sum(counts_B) if counts is None else counts["pairs"]
+      total = jnp.sum(sums_B) / jnp.maximum(pairs, 1.0)
+    return total, {"loss": total, "pairs": jnp.sum(counts_B) / rows}
 
-  return Objective("bst", init, loss, hidden, modules)
+  return Objective("bst", init, loss, hidden, modules, term_counts)

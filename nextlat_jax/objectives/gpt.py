@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
 from nextlat_jax.objectives import Objective
-from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 
@@ -34,13 +34,17 @@ def build(config: Any, mesh: Any = None) -> Objective:
                              batch["segment_ids"][:, :-1], batch["positions"][:, :-1])
     return h_BxTxD
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    return mask_counts({"ce": batch["loss_mask"][:, 1:]})
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     del rng
+    denom = denominators(counts)
     h_BxTxD = forward(params, batch)
     logits_BxTxV = unembed(h_BxTxD, params["trunk"]["head"], dtype)
     mask_BxT = batch["loss_mask"][:, 1:]
     targets_BxT = batch.get("labels", batch["tokens"])[:, 1:]  # task labels (A5) or the next tokens
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), mask_BxT)
+    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), mask_BxT, denom("ce"))
     return ce, {"loss": ce, "ce": ce}
 
-  return Objective("gpt", init, loss, forward, {"trunk": trunk})
+  return Objective("gpt", init, loss, forward, {"trunk": trunk}, term_counts)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from nextlat_jax.models.transformer import DTYPES, Constrain, RMSNorm, _init, unembed
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.objectives.mtp import eos_count
 
 Array = jax.Array
@@ -157,14 +157,19 @@ def build(config: Any, mesh: Any = None) -> Objective:
     c = fetch.apply({"params": params["fetch"]}, h_BxLxD, e_BxLxD[:, :, None], method=Fetch.combine)
     return c[:, :, 0]
 
-  def slot_loss(head_DxV, o_BxTxD, targets_BxT, mask_BxT):
-    return masked_mean(token_cross_entropy(unembed(o_BxTxD, head_DxV, dtype), targets_BxT), mask_BxT)
+  def slot_loss(head_DxV, o_BxTxD, targets_BxT, mask_BxT, count=None):
+    return masked_mean(token_cross_entropy(unembed(o_BxTxD, head_DxV, dtype), targets_BxT), mask_BxT, count)
 
   if obj.get("remat_rollout", False):
     slot_loss = jax.checkpoint(slot_loss)
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    masks_BxTxS = slot_tokens(batch, d, eos_id)[2]
+    return mask_counts({f"ce_{k}": masks_BxTxS[..., k] for k in range(d + 1)})
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     del rng
+    denom = denominators(counts)
     x_BxL = batch["tokens"]
     h_BxTxD, _ = trunk.apply({"params": params["trunk"]}, x_BxL[:, :-1], batch["segment_ids"][:, :-1],
                              batch["positions"][:, :-1])
@@ -175,11 +180,11 @@ def build(config: Any, mesh: Any = None) -> Objective:
     head_DxV = params["trunk"]["head"]
     metrics, aux = {}, 0.0
     for k in range(d + 1):
-      ce_k = slot_loss(head_DxV, o_BxTxSxD[:, :, k], targets_BxTxS[..., k], masks_BxTxS[..., k])
+      ce_k = slot_loss(head_DxV, o_BxTxSxD[:, :, k], targets_BxTxS[..., k], masks_BxTxS[..., k], denom(f"ce_{k}"))
       metrics[f"ce_{k}"] = ce_k
       aux = aux + ce_k if k else aux
     total = metrics["ce_0"] + lam * aux / d
     metrics.update(loss=total, ce=metrics["ce_0"], mtp=aux / d)
     return total, metrics
 
-  return Objective("jtp", init, loss, hidden, modules)
+  return Objective("jtp", init, loss, hidden, modules, term_counts)

@@ -1,16 +1,40 @@
 """Loss building blocks shared by the objectives; float32 throughout."""
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+Counts = dict[str, Array]  # a loss's denominators by term name (see `mask_counts`)
 
 
-def masked_mean(x: Array, mask: Array) -> Array:
-  """Mean of x over mask (0 when the mask is empty)."""
+def mask_count(mask: Array) -> Array:
+  """The number of set entries of mask, float32 (exact below 2**24): a masked mean's denominator."""
+  return jnp.sum(mask.astype(jnp.float32))
+
+
+def mask_counts(masks: dict[str, Array]) -> Counts:
+  """{name: mask_count(mask)}: an objective's `counts(batch)`. Each count is a sum over rows, so the
+  counts of a batch are the sums of the counts of any split of its rows (train/step.py relies on it)."""
+  return {k: mask_count(m) for k, m in masks.items()}
+
+
+def denominators(counts: Counts | None) -> Callable[[str], Array | None]:
+  """name -> counts[name] (a KeyError for a missing term), or -> None everywhere when counts is None
+  (every term then divides by its own mask count)."""
+  if counts is None:
+    return lambda name: None
+  return lambda name: counts[name]
+
+
+def masked_mean(x: Array, mask: Array, count: Array | None = None) -> Array:
+  """sum(x over mask) / max(count, 1); count defaults to the mask's own count (the mean over mask, 0
+  when empty). Given the count of a larger batch, this batch's share of that batch's mean."""
   mask = mask.astype(jnp.float32)
-  return jnp.sum(x.astype(jnp.float32) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask) if count is None else count
+  return jnp.sum(x.astype(jnp.float32) * mask) / jnp.maximum(count, 1.0)
 
 
 def token_cross_entropy(logits_BxTxV: Array, targets_BxT: Array) -> Array:
@@ -49,8 +73,10 @@ def cosine_distance(pred_xD: Array, target_xD: Array, eps: float = 1e-8) -> Arra
   return 1.0 - jnp.sum(p * t, axis=-1) / jnp.maximum(norms, eps)
 
 
-def next_latent_loss(kind: str, pred_BxTxD: Array, target_BxTxD: Array, mask_BxT: Array) -> Array:
-  """The next-h regression term of one rollout step, a scalar.
+def next_latent_loss(kind: str, pred_BxTxD: Array, target_BxTxD: Array, mask_BxT: Array,
+                     count: Array | None = None) -> Array:
+  """The next-h regression term of one rollout step, a scalar (`count`: the denominator's number of
+  valid positions, by default the mask's, as in `masked_mean`).
 
   "smooth_l1" (the paper) and "mse": the elementwise loss summed over valid (position, feature) entries
   / (valid positions * D). "cosine": the mean over valid positions of 1 - cos(ĥ, h), not divided by D:
@@ -59,9 +85,9 @@ def next_latent_loss(kind: str, pred_BxTxD: Array, target_BxTxD: Array, mask_BxT
   "mse" is (ĥ - h)^2, i.e. twice Smooth L1 where |ĥ - h| < 1.
   """
   if kind == "cosine":
-    return masked_mean(cosine_distance(pred_BxTxD, target_BxTxD), mask_BxT)
+    return masked_mean(cosine_distance(pred_BxTxD, target_BxTxD), mask_BxT, count)
   elementwise = {"smooth_l1": smooth_l1, "mse": squared_error}.get(kind)
   if elementwise is None:
     raise ValueError(f"objective.next_h_loss={kind!r}: unknown (known: {', '.join(NEXT_H_LOSSES)})")
   err_BxT = jnp.sum(elementwise(pred_BxTxD, target_BxTxD), axis=-1)
-  return masked_mean(err_BxT, mask_BxT) / pred_BxTxD.shape[-1]
+  return masked_mean(err_BxT, mask_BxT, count) / pred_BxTxD.shape[-1]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from nextlat_jax.models.transformer import (embed_with_head, DTYPES, Block, ModelConfig, RMSNorm, Stack, _remat_policy, document_mask, unembed)
 from nextlat_jax.objectives import Objective
-from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
@@ -159,16 +159,20 @@ def build(config: Any, mesh: Any = None) -> Objective:
                              batch["positions"])
     return z_BxLxD.astype(jnp.float32)
 
-  def head_loss(heads_params, head_DxV, z_BxTxD, seg_BxT, pos_BxT, targets_BxN, mask_BxN, i):
+  def head_loss(heads_params, head_DxV, z_BxTxD, seg_BxT, pos_BxT, targets_BxN, mask_BxN, i, count=None):
     h_BxTxD = heads.apply({"params": heads_params}, z_BxTxD, seg_BxT, pos_BxT, i, method=MTPHeads.one)
     logits_BxNxV = unembed(h_BxTxD[:, :targets_BxN.shape[1]], head_DxV, dtype)
-    return masked_mean(token_cross_entropy(logits_BxNxV, targets_BxN), mask_BxN)
+    return masked_mean(token_cross_entropy(logits_BxNxV, targets_BxN), mask_BxN, count)
 
   if obj.get("remat_rollout", False):
     head_loss = jax.checkpoint(head_loss, static_argnums=(7,))
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    return mask_counts({f"ce_{i}": target_mask(batch, i, eos_id, eos_mask) for i in range(d + 1)})
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     del rng
+    denom = denominators(counts)
     x_BxL = batch["tokens"]
     seg_BxT, pos_BxT = batch["segment_ids"][:, :-1], batch["positions"][:, :-1]
     z_BxTxD, _ = trunk.apply({"params": params["trunk"]}, x_BxL[:, :-1], seg_BxT, pos_BxT)
@@ -176,11 +180,11 @@ def build(config: Any, mesh: Any = None) -> Objective:
     metrics, aux = {}, 0.0
     for i in range(d + 1):
       ce_i = head_loss(params["heads"], head_DxV, z_BxTxD, seg_BxT, pos_BxT, x_BxL[:, 1 + i:],
-                       target_mask(batch, i, eos_id, eos_mask), i)
+                       target_mask(batch, i, eos_id, eos_mask), i, denom(f"ce_{i}"))
       metrics[f"ce_{i}"] = ce_i
       aux = aux + ce_i if i else aux
     total = metrics["ce_0"] + lam * aux / d
     metrics.update(loss=total, ce=metrics["ce_0"], mtp=aux / d)
     return total, metrics
 
-  return Objective("mtp", init, loss, hidden, modules)
+  return Objective("mtp", init, loss, hidden, modules, term_counts)

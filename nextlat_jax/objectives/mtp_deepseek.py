@@ -33,7 +33,7 @@ from nextlat_jax.models.transformer import (DTYPES, Block, ModelConfig, RMSNorm,
                                             document_mask, unembed)
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import masked_mean, token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.objectives.mtp import eos_count
 from nextlat_jax.parallel.sharding import logical_rules
 
@@ -148,17 +148,22 @@ def build(config: Any, mesh: Any = None) -> Objective:
                              batch["positions"])
     return h_BxLxD
 
-  def depth_loss(mtp_params, head_DxV, h_BxNxD, e_BxNxD, seg_BxN, pos_BxN, targets_BxN, mask_BxN, k):
+  def depth_loss(mtp_params, head_DxV, h_BxNxD, e_BxNxD, seg_BxN, pos_BxN, targets_BxN, mask_BxN, k, count=None):
     h_BxNxD, o_BxNxD = mtp.apply({"params": mtp_params}, h_BxNxD, e_BxNxD, seg_BxN, pos_BxN, k,
                                  method=MTPModules.one)
-    ce = masked_mean(token_cross_entropy(unembed(o_BxNxD, head_DxV, dtype), targets_BxN), mask_BxN)
+    ce = masked_mean(token_cross_entropy(unembed(o_BxNxD, head_DxV, dtype), targets_BxN), mask_BxN, count)
     return h_BxNxD, ce
 
   if config.objective.get("remat_rollout", False):
     depth_loss = jax.checkpoint(depth_loss, static_argnums=(8,))
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    masks = {"ce": target_mask(batch, 0, eos_id)}
+    return mask_counts(masks | {f"ce_{k}": target_mask(batch, k, eos_id) for k in range(1, depths + 1)})
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     del rng
+    denom = denominators(counts)
     x_BxL = batch["tokens"]
     L = x_BxL.shape[1]
     seg_BxL, pos_BxL = batch["segment_ids"], batch["positions"]
@@ -166,16 +171,16 @@ def build(config: Any, mesh: Any = None) -> Objective:
                                    pos_BxL[:, :-1])
     head_DxV = params["trunk"]["head"]
     ce = masked_mean(token_cross_entropy(unembed(h_BxTxD, head_DxV, dtype), x_BxL[:, 1:]),
-                     target_mask(batch, 0, eos_id))
+                     target_mask(batch, 0, eos_id), denom("ce"))
     metrics, aux = {"ce": ce}, 0.0
     for k in range(1, depths + 1):
       n = L - 1 - k  # module k runs on positions i = 0..n-1: inputs E(x_{i+k}), targets x_{i+k+1}
       h_BxTxD, ce_k = depth_loss(params["mtp"], head_DxV, h_BxTxD[:, :n], e_BxTxD[:, k:k + n], seg_BxL[:, :n],
-                                 pos_BxL[:, :n], x_BxL[:, k + 1:], target_mask(batch, k, eos_id), k)
+                                 pos_BxL[:, :n], x_BxL[:, k + 1:], target_mask(batch, k, eos_id), k, denom(f"ce_{k}"))
       metrics[f"ce_{k}"] = ce_k
       aux = aux + ce_k
     total = ce + lam * aux / depths
     metrics.update(loss=total, mtp=aux / depths)
     return total, metrics
 
-  return Objective("mtp_deepseek", init, loss, hidden, modules)
+  return Objective("mtp_deepseek", init, loss, hidden, modules, term_counts)

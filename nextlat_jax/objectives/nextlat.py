@@ -20,7 +20,8 @@ from nextlat_jax.models import dynamics as dynamics_lib
 from nextlat_jax.models.transformer import DTYPES, unembed
 from nextlat_jax.objectives import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import forward_kl, masked_mean, next_latent_loss, token_cross_entropy
+from nextlat_jax.objectives.losses import (Counts, denominators, forward_kl, mask_counts, masked_mean,
+                                           next_latent_loss, token_cross_entropy)
 from nextlat_jax.parallel.sharding import logical_rules
 
 EOS_MASKS = ("transition", "chain")
@@ -31,6 +32,25 @@ def dynamics_module(config: Any, mesh: Any = None) -> Any:
   """The p_psi module of config.dynamics.kind (nextlat_jax.models.dynamics.make)."""
   return dynamics_lib.make(config.dynamics, config.model, mesh,
                            logical_rules(config) if mesh is not None else ())
+
+
+def term_masks(batch: dict, horizon: int, eos_id: int, eos_mask: str, token_key: str | None) -> dict[str, jax.Array]:
+  """The loss's masks by term (bool): "ce" (B, T-1) over next-token targets; for i = 1..horizon,
+  f"next_h_{i}" (B, T-i) over chain starts t whose target h_{t+i} is trained and, unless token_key is
+  None, f"{token_key}_{i}" (B, T-i-1) over those whose token-space target x_{t+i+1} also is."""
+  x_BxT = batch["tokens"]
+  m_tok_BxT = batch["loss_mask"][:, 1:].astype(bool)
+  valid_BxT = batch["segment_ids"] >= 0
+  masks, m_chain_BxT = {"ce": m_tok_BxT}, valid_BxT
+  for i in range(1, horizon + 1):
+    m_h_BxT = valid_BxT[:, i:] & (x_BxT[:, i:] != eos_id)
+    if eos_mask == "chain":
+      m_chain_BxT = m_chain_BxT[:, :-1] & m_h_BxT
+      m_h_BxT = m_chain_BxT
+    masks[f"next_h_{i}"] = m_h_BxT
+    if token_key:
+      masks[f"{token_key}_{i}"] = m_h_BxT[:, :-1] & m_tok_BxT[:, i:]
+  return masks
 
 
 def build(config: Any, mesh: Any = None) -> Objective:
@@ -53,49 +73,52 @@ def build(config: Any, mesh: Any = None) -> Objective:
                              batch["positions"])
     return h_BxTxD
 
-  def rollout_step(dyn_params, head_DxV, cur_BxTxD, carry, e_BxTxD, h_tgt_BxTxD, token_tgt, m_h_BxT, m_kl_BxT):
+  def rollout_step(dyn_params, head_DxV, cur_BxTxD, carry, e_BxTxD, h_tgt_BxTxD, token_tgt, m_h_BxT, m_kl_BxT,
+                   n_h=None, n_kl=None):
     """One p_psi step over every chain start: the new predictions and carry and this step's (next_h,
-    token-space) losses. token_tgt: teacher logits (B, T-1, V) for "kl", target ids (B, T-1) for "ce"."""
+    token-space) losses. token_tgt: teacher logits (B, T-1, V) for "kl", target ids (B, T-1) for "ce".
+    n_h, n_kl: the two terms' denominators (None: their masks' counts)."""
     cur_BxTxD, carry = dynamics_lib.advance(dyn, dyn_params, cur_BxTxD, e_BxTxD, carry)
-    next_h = next_latent_loss(next_h_kind, cur_BxTxD, sg(h_tgt_BxTxD) if stop_target else h_tgt_BxTxD, m_h_BxT)
+    target_BxTxD = sg(h_tgt_BxTxD) if stop_target else h_tgt_BxTxD
+    next_h = next_latent_loss(next_h_kind, cur_BxTxD, target_BxTxD, m_h_BxT, n_h)
     if token_loss == "none":
       return cur_BxTxD, carry, next_h, jnp.zeros((), jnp.float32)
-    student_BxTxV = unembed(cur_BxTxD[:, :-1], sg(head_DxV) if frozen_head else head_DxV, dtype)
+    student_BxTxV = unembed(dynamics_lib.constrain_states(dyn, cur_BxTxD[:, :-1]),
+                            sg(head_DxV) if frozen_head else head_DxV, dtype)
     if token_loss == "kl":
-      tok = masked_mean(forward_kl(token_tgt, student_BxTxV), m_kl_BxT)
+      tok = masked_mean(forward_kl(token_tgt, student_BxTxV), m_kl_BxT, n_kl)
     else:
-      tok = masked_mean(token_cross_entropy(student_BxTxV, token_tgt), m_kl_BxT)
+      tok = masked_mean(token_cross_entropy(student_BxTxV, token_tgt), m_kl_BxT, n_kl)
     return cur_BxTxD, carry, next_h, tok
 
   if obj.get("remat_rollout", False):
     rollout_step = jax.checkpoint(rollout_step)
 
-  def loss(params: Any, batch: dict, rng: jax.Array):
+  def term_counts(batch: dict) -> Counts:
+    return mask_counts(term_masks(batch, horizon, eos_id, eos_mask, token_key))
+
+  def loss(params: Any, batch: dict, rng: jax.Array, counts: Counts | None = None):
     del rng
+    denom, masks = denominators(counts), term_masks(batch, horizon, eos_id, eos_mask, token_key)
     x_BxT = batch["tokens"]
     h_BxTxD, e_BxTxD = trunk.apply({"params": params["trunk"]}, x_BxT, batch["segment_ids"],
                                    batch["positions"])
     head_DxV = params["trunk"]["head"]
     logits_BxTxV = unembed(h_BxTxD[:, :-1], head_DxV, dtype)  # position t predicts x_{t+1}
-    m_tok_BxT = batch["loss_mask"][:, 1:].astype(bool)
     targets_BxT = batch.get("labels", x_BxT)[:, 1:]  # task labels (A5) or the next tokens
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), m_tok_BxT)
+    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), masks["ce"], denom("ce"))
     token_tgt = {"kl": sg(logits_BxTxV), "ce": targets_BxT, "none": None}[token_loss]
-    valid_BxT = batch["segment_ids"] >= 0
 
     metrics, total_h, total_tok = {}, 0.0, 0.0
-    cur_BxTxD, m_chain_BxT = h_BxTxD, valid_BxT
+    cur_BxTxD = h_BxTxD
     carry = dynamics_lib.init_carry(dyn, h_BxTxD.shape[:-1])
     for i in range(1, horizon + 1):
       # cur[:, t] = ĥ_{t+i}, predicted from chain start t; lengths shrink by one per step.
-      m_h_BxT = valid_BxT[:, i:] & (x_BxT[:, i:] != eos_id)
-      if eos_mask == "chain":
-        m_chain_BxT = m_chain_BxT[:, :-1] & m_h_BxT
-        m_h_BxT = m_chain_BxT
-      m_kl_BxT = m_h_BxT[:, :-1] & m_tok_BxT[:, i:]
+      tok_key = f"{token_key}_{i}" if token_key else None
       cur_BxTxD, carry, next_h, tok = rollout_step(
           params["dynamics"], head_DxV, cur_BxTxD, carry, e_BxTxD[:, i:], h_BxTxD[:, i:],
-          None if token_tgt is None else token_tgt[:, i:], m_h_BxT, m_kl_BxT)
+          None if token_tgt is None else token_tgt[:, i:], masks[f"next_h_{i}"],
+          masks[tok_key] if tok_key else None, denom(f"next_h_{i}"), denom(tok_key) if tok_key else None)
       metrics[f"next_h_{i}"] = next_h
       if token_key:
         metrics[f"{token_key}_{i}"] = tok
@@ -107,4 +130,4 @@ def build(config: Any, mesh: Any = None) -> Objective:
       metrics[token_key] = tok
     return total, metrics
 
-  return Objective("nextlat", init, loss, hidden, {"trunk": trunk, "dynamics": dyn})
+  return Objective("nextlat", init, loss, hidden, {"trunk": trunk, "dynamics": dyn}, term_counts)

@@ -30,15 +30,20 @@ class TrainState:
 
 def loss_and_grads(params: Any, batch: dict, rng: jax.Array, objective: objectives.Objective,
                    microbatches: int = 1, batch_sharding: NamedSharding | None = None):
-  """((loss, metrics), grads), averaged over `microbatches` sequential slices of the batch.
+  """((loss, metrics), grads) of the whole batch, accumulated over `microbatches` sequential slices.
 
-  Microbatch i takes rows i, i+k, i+2k, ... so every device keeps an equal share of each one. The
-  average of per-microbatch losses equals the full-batch loss when every microbatch holds the same
-  number of loss tokens (e.g. packed pretraining rows); otherwise it weights microbatches equally.
+  Microbatch i takes rows i, i+k, i+2k, ... so every device keeps an equal share of each one.
+  Token-weighted: every microbatch's loss divides by the whole batch's denominators
+  (`objective.counts`: loss tokens per term, pairs, rows; the sums of the microbatches' counts), so
+  the sums of the microbatch losses, metrics and gradients are the whole batch's, up to float32
+  summation order, however the masks (prompt, padding, EOS transitions) spread over microbatches.
+  Microbatch i draws from fold_in(rng, i).
   """
   grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
   if microbatches == 1:
     return grad_fn(params, batch, rng)
+  if objective.counts is None:
+    raise ValueError(f"objective {objective.name!r} has no counts(); microbatches={microbatches} needs one")
 
   def split(x):
     B = x.shape[0]
@@ -48,16 +53,19 @@ def loss_and_grads(params: Any, batch: dict, rng: jax.Array, objective: objectiv
       x = jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
     return x
 
+  micro = jax.tree.map(split, batch)
+  # Each count is a sum over rows: the whole batch's is the sum of the microbatches' (one at a time).
+  counts = jax.tree.map(lambda c: jnp.sum(c, axis=0), jax.lax.map(objective.counts, micro))
+
   def body(acc, mb_and_i):
     mb, i = mb_and_i
-    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), counts)
     return jax.tree.map(jnp.add, acc, ((loss, metrics), grads)), None
 
-  micro = jax.tree.map(split, batch)
-  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, counts)
   zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(microbatches)))
-  return jax.tree.map(lambda x: x / microbatches, total)
+  return total
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective: objectives.Objective,
