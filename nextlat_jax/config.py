@@ -8,7 +8,7 @@ import ml_collections
 from nextlat_jax import objectives
 from nextlat_jax.models.transformer import DTYPES, REMAT_POLICIES
 from nextlat_jax.parallel.mesh import MESH_AXES, mesh_shape
-from nextlat_jax.parallel.sharding import DEFAULT_RULES
+from nextlat_jax.parallel.sharding import DEFAULT_RULES, logical_rules
 from nextlat_jax.train.optimizer import (
   MUON_ADAM_PATTERNS,
   OPTIMIZERS,
@@ -242,12 +242,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   k = int(c.get("microbatches", 1))
   need(k >= 1 and c.batch_size % (k * dp) == 0, "microbatches", k,
        f"batch_size={c.batch_size} must be divisible by microbatches * data-parallel size ({dp})")
-  # XLA (jax 0.10, CPU) computes wrong gradients for (fsdp, tensor)-sharded weights when data, fsdp and
-  # tensor are all > 1 and each batch shard holds one row (docs/design.md, tests/test_xla_guard.py).
-  rows = c.batch_size // (k * dp)
-  need(not (rows == 1 and min(shape) > 1), "batch_size", c.batch_size,
-       f"one row per batch shard on mesh {dict(zip(MESH_AXES, shape))} triggers a known XLA "
-       "miscompile (wrong gradients); use >= 2 rows per shard (batch_size / (microbatches * data * fsdp))")
+  # XLA's SPMD partitioner (jax 0.10.2 .. 0.12.0, Shardy and GSPMD) permutes the batch rows of a cotangent
+  # and never permutes them back when the batch is tiled (data, fsdp) and weights (fsdp, tensor) on a mesh
+  # with all three axes > 1: wrong gradients (docs/sharding.md). DEFAULT_RULES tile it (fsdp, data).
+  batch_rule = dict(logical_rules(c)).get("activation_batch")
+  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
+  need(not (min(shape) > 1 and {"data", "fsdp"} <= set(batch_axes)
+            and batch_axes.index("data") < batch_axes.index("fsdp")), "mesh.rules", f"activation_batch={batch_rule}",
+       f"batch over (data, fsdp) on mesh {dict(zip(MESH_AXES, shape))} triggers an XLA SPMD miscompile "
+       "(wrong gradients, docs/sharding.md); use ('fsdp', 'data') as in DEFAULT_RULES")
   fsdp, tensor = shape[1], shape[2]
   ffn = int(m.ffn_width) or 128 * round(8 * m.d_model / 3 / 128)
   for key, size, axis, n in (("model.n_head", m.n_head, "mesh.tensor", tensor),

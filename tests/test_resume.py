@@ -231,19 +231,19 @@ def test_data_and_workdir_are_checked_before_anything_is_written(tmp_path):
 
 
 def test_process_rows_are_checked_against_the_batch_sharding():
-  config = ml_collections.ConfigDict({"mesh": {"rules": quickstart.get_config().mesh.rules}})
-  rules = logical_rules(config)
-  for shape, hosts, ok in (((2, 1, 4), lambda d: d.id // 4, True),   # tensor within a host
-                           ((4, 1, 2), lambda d: d.id // 4, True),
-                           ((2, 1, 4), lambda d: d.id % 2, False)):  # tensor replicas on two hosts
+  rules = logical_rules(quickstart.get_config())
+  for shape, hosts, contiguous in (((2, 1, 4), lambda d: d.id // 4, True),  # tensor within a host
+                                   ((4, 1, 2), lambda d: d.id // 4, True),
+                                   ((2, 2, 2), lambda d: d.id // 4, False),  # data across hosts, fsdp-major rows
+                                   ((2, 1, 4), lambda d: d.id % 2, None)):  # tensor replicas on two hosts
     mesh = make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), shape))))
     sharding = batch_sharding(mesh, rules)
     rows = pipeline.process_row_ranges(sharding, 16, 9, hosts)
-    assert sorted(rows) == [0, 1]
-    if ok:
-      pipeline.check_process_rows(sharding, 16, 9, 2, hosts)
-      assert rows[0] == set(range(8))
-    else:
-      with pytest.raises(ValueError, match=r"process 0's devices hold rows 0..15 .*keep mesh.tensor within a host"):
+    assert sorted(rows) == [0, 1] and np.prod(shape) == len(jax.devices())
+    if contiguous is None:
+      with pytest.raises(ValueError, match=r"process 0's devices hold 16 rows .*, 16 of them also held by "
+                                           r"another process.*keep mesh.tensor within a host"):
         pipeline.check_process_rows(sharding, 16, 9, 2, hosts)
-  assert np.prod(shape) == len(jax.devices())
+      continue
+    pipeline.check_process_rows(sharding, 16, 9, 2, hosts)
+    assert (rows[0] == set(range(8))) == contiguous, (shape, sorted(rows[0]))

@@ -234,13 +234,17 @@ def process_row_ranges(batch_sharding, global_batch: int, row_len: int, process_
 
 def check_process_rows(batch_sharding, global_batch: int, row_len: int, process_count: int,
                        process_of=None) -> None:
-  """Raises ValueError unless process p's devices hold exactly rows p*B/P .. (p+1)*B/P - 1 of each
-  global batch: the rows `make_dataset` gives it (e.g. wrong when mesh.tensor spans processes)."""
+  """Raises ValueError unless every process's devices hold global_batch / process_count rows of each
+  global batch that no other process holds: the local batch `make_dataset` gives a process then fills
+  exactly its shards (`jax.make_array_from_process_local_data` maps the local rows onto the process's
+  row slices in order, contiguous or not; the loss is a sum over rows, so their global order does not
+  matter). Wrong when a batch shard's tensor-parallel replicas span processes."""
   local = global_batch // process_count
-  for p, rows in sorted(process_row_ranges(batch_sharding, global_batch, row_len, process_of).items()):
-    want = set(range(p * local, (p + 1) * local))
-    if rows != want:
-      got = f"{min(rows)}..{max(rows)}" + ("" if len(rows) == max(rows) - min(rows) + 1 else " (not contiguous)")
-      raise ValueError(f"process {p}'s devices hold rows {got} of each global batch of {global_batch}, but the "
-                       f"data gives process p rows p*{local}..(p+1)*{local}-1; every batch (data, fsdp) shard "
+  held = process_row_ranges(batch_sharding, global_batch, row_len, process_of)
+  for p, rows in sorted(held.items()):
+    shared = sorted(rows & set().union(*(r for q, r in held.items() if q != p)))
+    if len(rows) != local or shared:
+      raise ValueError(f"process {p}'s devices hold {len(rows)} rows of each global batch of {global_batch}"
+                       + (f", {len(shared)} of them also held by another process" if shared else "")
+                       + f", but the data gives each process its own {local}; every batch (data, fsdp) shard "
                        "and its tensor-parallel replicas must sit on one process (keep mesh.tensor within a host)")

@@ -71,7 +71,7 @@ class Dynamics(_DynamicsFields):
   @nn.compact
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array) -> Array:
     c = Constrain(self.mesh, self.rules)
-    z_BxTx2D = _norm(self, "norm")(_concat(e_BxTxD, h_BxTxD))
+    z_BxTx2D = c(_norm(self, "norm")(_concat(e_BxTxD, h_BxTxD)), ACT_EMBED)
     a_BxTxH = nn.gelu(_dense(self, self.hidden, ("dyn_in", "dyn_hidden"), "fc1")(z_BxTx2D), approximate=False)
     a_BxTxH = c(a_BxTxH, ACT_MLP)
     a_BxTxH = nn.gelu(_dense(self, self.hidden, ("dyn_hidden_in", "dyn_hidden"), "fc2")(a_BxTxH),
@@ -89,7 +89,7 @@ class ResMLPDynamics(_DynamicsFields):
   def __call__(self, h_BxTxD: Array, e_BxTxD: Array) -> Array:
     c = Constrain(self.mesh, self.rules)
     H = self.hidden
-    z_BxTx2D = _norm(self, "norm")(_concat(e_BxTxD, h_BxTxD))
+    z_BxTx2D = c(_norm(self, "norm")(_concat(e_BxTxD, h_BxTxD)), ACT_EMBED)
     # The residual stream is replicated over its features (activation_embed): constraining it to
     # `tensor` as well miscomputes on a (data, fsdp, tensor) = (2, 2, 2) CPU mesh (XLA, jax 0.10;
     # tests/test_dynamics_kinds.py), while the GEGLU activations may be split.
@@ -115,7 +115,7 @@ class GRUDynamics(_DynamicsFields):
     c = Constrain(self.mesh, self.rules)
     D = self.d_model
     h32_BxTxD = h_BxTxD.astype(jnp.float32)
-    z_BxTx2D = _norm(self, "norm")(_concat(e_BxTxD, h_BxTxD))
+    z_BxTx2D = c(_norm(self, "norm")(_concat(e_BxTxD, h_BxTxD)), ACT_EMBED)
     # Gate outputs are not split over `tensor`: that layout gets wrong gradients on a (2, 2, 2) CPU mesh
     # (XLA, jax 0.10; tests/test_dynamics_kinds.py).
     gates_BxTx2xD = nn.DenseGeneral(
@@ -123,7 +123,7 @@ class GRUDynamics(_DynamicsFields):
         kernel_init=_init(self.init_std, ("dyn_in", None, None)))(z_BxTx2D)
     gates_BxTx2xD = jax.nn.sigmoid(gates_BxTx2xD.astype(jnp.float32))
     r_BxTxD, u_BxTxD = gates_BxTx2xD[..., 0, :], gates_BxTx2xD[..., 1, :]
-    zc_BxTx2D = _norm(self, "cand_norm")(_concat(e_BxTxD, r_BxTxD * h32_BxTxD))
+    zc_BxTx2D = c(_norm(self, "cand_norm")(_concat(e_BxTxD, r_BxTxD * h32_BxTxD)), ACT_EMBED)
     a_BxTxH = nn.gelu(_dense(self, self.hidden, ("dyn_in", "dyn_hidden"), "fc1")(zc_BxTx2D), approximate=False)
     a_BxTxH = c(a_BxTxH, ACT_MLP)
     cand_BxTxD = _dense(self, D, ("dyn_hidden", "embed"), "fc2")(a_BxTxH).astype(jnp.float32)
@@ -141,15 +141,17 @@ class AttnDynamics(_DynamicsFields):
     c = Constrain(self.mesh, self.rules)
     D, N, K = self.d_model, self.n_heads, self.window
     dtype, pdtype = DTYPES[self.dtype], DTYPES[self.param_dtype]
-    z_BxTx2D = _norm(self, "norm")(_concat(e_BxTxD, h_BxTxD))
+    z_BxTx2D = c(_norm(self, "norm")(_concat(e_BxTxD, h_BxTxD)), ACT_EMBED)
     u_BxTxD = c(_dense(self, D, ("dyn_in", "dyn_out"), "fc_in")(z_BxTx2D), ACT_EMBED)
     slot_K1xD = self.param("slot", _init(self.init_std, (None, "embed")), (K + 1, D), pdtype)
     tok_BxTxK1xD = jnp.concatenate([latents_BxTxKxD.astype(dtype), u_BxTxD[..., None, :].astype(dtype)], axis=-2)
     tok_BxTxK1xD = c(tok_BxTxK1xD + slot_K1xD.astype(dtype),
                      ("activation_batch", "activation_length", None, "activation_embed"))
-    y_BxTxK1xD = _norm(self, "attn_norm")(tok_BxTxK1xD)
+    y_BxTxK1xD = c(_norm(self, "attn_norm")(tok_BxTxK1xD),
+                   ("activation_batch", "activation_length", None, "activation_embed"))
+    y_BxTxD = c(y_BxTxK1xD[..., -1, :], ACT_EMBED)
     q_BxTxNxH = nn.DenseGeneral((N, D // N), use_bias=False, dtype=dtype, param_dtype=pdtype, name="q",
-                                kernel_init=_init(self.init_std, ("embed", "heads", "kv")))(y_BxTxK1xD[..., -1, :])
+                                kernel_init=_init(self.init_std, ("embed", "heads", "kv")))(y_BxTxD)
     kv_BxTxK1x2xNxH = nn.DenseGeneral((2, N, D // N), use_bias=False, dtype=dtype, param_dtype=pdtype, name="kv",
                                       kernel_init=_init(self.init_std, ("embed", None, "heads", "kv")))(y_BxTxK1xD)
     k_BxTxK1xNxH = c(kv_BxTxK1x2xNxH[..., 0, :, :], ("activation_batch", "activation_length", None,
@@ -227,7 +229,15 @@ def advance(model: Any, dyn_params: Any, cur_BxTxD: Array, e_BxTxD: Array, carry
   """One teacher-forced training-rollout step for every chain start that still has a next token:
   cur[:, t] = ĥ_{t+i-1} (length T-i+1), e = E[x][:, i:] (length T-i) -> (ĥ_{t+i} (length T-i), carry)."""
   carry = jax.tree.map(lambda a: a[:, :-1], carry)
-  return apply_dynamics(model, dyn_params, cur_BxTxD[:, :-1], e_BxTxD, carry)
+  h_next_BxTxD, carry = apply_dynamics(model, dyn_params, cur_BxTxD[:, :-1], e_BxTxD, carry)
+  return constrain_states(model, h_next_BxTxD), carry
+
+
+def constrain_states(model: Any, x_BxTxD: Array) -> Array:
+  """x sharded like the trunk's states (rows over the batch axes, features replicated) on the model's mesh.
+  Applied to predicted latents before the head, so their cotangent (split over `fsdp` by the head's
+  transposed matmul) is resharded there and not after the slice's pad (docs/sharding.md)."""
+  return Constrain(model.mesh, model.rules)(x_BxTxD, ACT_EMBED)
 
 
 def embed_tokens(trunk_params: Any, tokens: Array) -> Array:

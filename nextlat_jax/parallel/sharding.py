@@ -8,9 +8,15 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Parameters: FSDP shards the model width, tensor parallelism shards heads, MLP width and vocabulary.
-# Activations: batch over (data, fsdp); heads / MLP width / vocabulary over tensor.
+# Activations: batch over (fsdp, data); heads / MLP width / vocabulary over tensor.
+# The batch axis order is fsdp-major on purpose: it matches the device order of the weights' tiling
+# (fsdp, tensor, replicated over data). With (data, fsdp) XLA's SPMD partitioner permutes the rows of a
+# cotangent into that order before a transposed matmul and never permutes them back: wrong gradients on
+# (data, fsdp, tensor) meshes with all three axes > 1 (docs/sharding.md; config.validate refuses that
+# order there).
+BATCH_AXES = ("fsdp", "data")
 DEFAULT_RULES = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
