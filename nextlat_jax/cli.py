@@ -1,8 +1,10 @@
 """The `nextlat` command: `nextlat <command> --flags`; `nextlat <command> --help` lists a command's flags."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -81,6 +83,8 @@ def _command(name: str):
 def _run(fn):
   def wrapped(argv: list[str]) -> None:
     from nextlat_jax.config import ConfigError
+    from nextlat_jax.train.checkpoint import SaveError
+    from nextlat_jax.train.interrupts import Interrupted
     from nextlat_jax.train.trainer import TrainingStopped
     logging.set_verbosity(logging.WARNING)  # library chatter (orbax, jax) off; ours on:
     handler = std_logging.StreamHandler()
@@ -97,19 +101,87 @@ def _run(fn):
     except ConfigError as e:  # a user error: one line, no traceback
       print(str(e), file=sys.stderr)
       sys.exit(2)
-    except TrainingStopped as e:
+    except app.UsageError as e:  # a missing or bad flag: one line, not absl's page of flag help
+      fail(f"{argv[0]}: {e} (`{argv[0]} --help` lists its flags)")
+    except (TrainingStopped, SaveError) as e:
       print(f"training stopped: {e}", file=sys.stderr)
       sys.exit(1)
+    except Interrupted as e:  # Ctrl-C, after the save
+      print(str(e), file=sys.stderr)
+      sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside training): no save, no traceback
+      print("aborted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
+      sys.exit(130)
   return wrapped
+
+
+def fail(message: str) -> None:
+  """A user error: `message` as the one line on stderr, exit status 2."""
+  print(message, file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_arg(args: list[str], prefix: str = "--config") -> str | None:
+  """The value of the first `--config=VALUE` / `--config VALUE` in args."""
+  for i, a in enumerate(args):
+    if a.startswith(prefix + "="):
+      return a.split("=", 1)[1]
+    if a == prefix and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def _check_config_file(name: str, args: list[str]) -> None:
+  """A --config path that is not a file: one line naming it (ml_collections would defer the error to a
+  traceback at the first access of the config)."""
+  value = _config_arg(args)
+  if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+    fail(f"nextlat {name}: --config={value}: no such config file {value.split(':', 1)[0]!r}")
+
+
+def _innermost_message(e: BaseException) -> str:
+  """The message of `e`, unwrapping exceptions passed as the first argument (AttributeError(KeyError(msg)))."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if e.args else str(e)
+
+
+def _flags_parser(name: str):
+  """absl's flag parsing, with the user's mistakes (an unknown flag or config key, a bad value, an
+  unloadable config file) as one line and exit status 2 instead of a traceback or a page of help."""
+  def parse(args: list[str]) -> list[str]:
+    try:
+      return FLAGS(args)
+    except (KeyError, AttributeError) as e:  # --config.<unknown key>=...: ml_collections' error (a parent
+      key, *hint = _innermost_message(e).split("\n")  # key: KeyError, a leaf: AttributeError(KeyError))
+      arg = next((a for a in args[1:] if a.startswith("--config.")
+                  and key.strip("'\"") in a.split("=", 1)[0].split(".")[1:]), None)
+      if arg is None:  # not an override's key (e.g. raised by the config file itself)
+        raise
+      fail(f"nextlat {name}: {arg.split('=', 1)[0]}: unknown config key {key}"
+           + (f" ({hint[0].strip()})" if hint and hint[0].strip() else ""))
+    except OSError as e:  # a config file that exists but does not load
+      fail(f"nextlat {name}: --config={_config_arg(args)}: {str(e).splitlines()[0]}")
+    except flags.Error as e:  # unknown flag, bad value; a config file's own error is its last line
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      fail(f"nextlat {name}: {lines[0] if len(lines) == 1 else lines[0] + ' ' + lines[-1]}")
+    return []  # not reached: fail() exits
+  return parse
 
 
 def main() -> None:
   argv = sys.argv
   wants_help = len(argv) >= 2 and argv[1] in ("-h", "--help", "help")
-  if len(argv) < 2 or wants_help or argv[1] not in COMMANDS:
+  if len(argv) < 2 or wants_help:
     print(usage(), file=sys.stdout if wants_help else sys.stderr)
     sys.exit(0 if wants_help else 2)
   command = argv[1]
+  if command not in COMMANDS:
+    close = difflib.get_close_matches(command, COMMANDS, n=1)
+    print(f"nextlat: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+          f"usage: nextlat <command> [--flags]; commands: {', '.join(COMMANDS)}; `nextlat --help` "
+          "describes them", sep="\n", file=sys.stderr)
+    sys.exit(2)
   if command == "compile-check":  # the fake device count must be set before JAX starts
     from nextlat_jax.compile_check import simulate_devices
     simulate_devices(argv[2:])
@@ -119,8 +191,9 @@ def main() -> None:
     modules = dict.fromkeys([__name__, fn.__module__ if fn.__module__ != "nextlat_jax.cli" else __name__])
     print("\n".join(FLAGS.module_help(m) for m in modules if FLAGS.module_help(m)))
     sys.exit(0)
+  _check_config_file(command, argv[2:])
   # absl parses the flags; the command (and a sub-command such as `bench step`) stay positional.
-  app.run(_run(_command(command)), argv=[f"nextlat {command}"] + argv[2:])
+  app.run(_run(_command(command)), argv=[f"nextlat {command}"] + argv[2:], flags_parser=_flags_parser(command))
 
 
 if __name__ == "__main__":

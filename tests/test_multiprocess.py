@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 FLAGS = ["train", "--config=configs/quickstart.py", "--config.model.n_layer=2", "--config.model.d_model=64",
          "--config.dynamics.hidden=128", "--config.data.seq_len=64", "--config.log_every=1",
-         "--config.eval_every=10", "--config.checkpoint.every=10"]
+         "--config.eval_every=5", "--config.checkpoint.every=5"]
 
 
 def _free_port() -> int:
@@ -40,33 +40,33 @@ def test_two_processes_match_one(tmp_path):
   env = dict(_env(4), PORT=str(_free_port()), LOG_DIR=str(tmp_path / "logs"),
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   multi = subprocess.run(["bash", "launch/local.sh", "2", "4", *FLAGS, f"--workdir={tmp_path / 'multi'}",
-                          "--config.steps=20"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                          "--config.steps=10"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
   assert multi.returncode == 0, logs
   single = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'single'}",
-                           "--config.steps=20"], cwd=REPO, env=_env(8), capture_output=True, text=True,
+                           "--config.steps=10"], cwd=REPO, env=_env(8), capture_output=True, text=True,
                           timeout=900)
   assert single.returncode == 0, single.stderr[-2000:]
   got, want = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
-  assert sorted(got) == list(range(1, 21))
+  assert sorted(got) == list(range(1, 11))
   for step in want:  # same mesh and global batch; only the collectives' summation order differs
     assert abs(got[step] - want[step]) < 2e-5, (step, got[step], want[step])
-  assert _metrics(tmp_path / "multi", "eval_loss").keys() == {10, 20}
-  data_dir = tmp_path / "multi" / "checkpoints" / "20" / "data"
+  assert _metrics(tmp_path / "multi", "eval_loss").keys() == {5, 10}
+  data_dir = tmp_path / "multi" / "checkpoints" / "10" / "data"
   assert sorted(os.listdir(data_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-  assert [(s["step"], s["process_index"]) for s in states] == [(20, 0), (20, 1)]
+  assert [(s["step"], s["process_index"]) for s in states] == [(10, 0), (10, 1)]
 
   # The 2-process checkpoint resumes in 1 process (8 devices): data repositioned from the step.
   resumed = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'multi'}",
-                            "--config.steps=30"], cwd=REPO, env=_env(8), capture_output=True, text=True,
+                            "--config.steps=15"], cwd=REPO, env=_env(8), capture_output=True, text=True,
                            timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "restored step 20" in resumed.stderr
+  assert "restored step 10" in resumed.stderr
   assert "repositioning the data from the step" in resumed.stderr
   more = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'single'}",
-                         "--config.steps=30"], cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
+                         "--config.steps=15"], cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
   assert more.returncode == 0
   got, want = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")
-  for step in range(21, 31):
+  for step in range(11, 16):
     assert abs(got[step] - want[step]) < 2e-5, (step, got[step], want[step])

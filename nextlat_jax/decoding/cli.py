@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from nextlat_jax.config import ConfigError
 from nextlat_jax.decoding import draft_policies, speculative
 from nextlat_jax.decoding import generate as gen
 from nextlat_jax.models.transformer import ModelConfig
@@ -171,6 +172,8 @@ def generate(argv: list[str]) -> None:
     out = decode(run, prompts, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.max_new_tokens,
                  speculative_mode=FLAGS.mode if FLAGS.speculative else None, policy=policy,
                  gamma_max=FLAGS.gamma_max, stop_at_eos=FLAGS.stop_at_eos, use_cache=FLAGS.kv_cache)
+  except ConfigError:  # e.g. no checkpoint in the workdir: the CLI's one `config error:` line
+    raise
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   tokens, lengths = np.asarray(out.tokens_BxM), np.asarray(out.lengths_B)

@@ -294,7 +294,7 @@ def write_init_checkpoint(config: ml_collections.ConfigDict, hf_dir: str, out: s
   state = state.replace(params=params, opt_state=opt_state)
   mgr = checkpoint.manager(ckpt_dir, config.checkpoint)
   mgr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(state.params),
-                                      opt_state=ocp.args.StandardSave(checkpoint._rest(state)),
+                                      opt_state=ocp.args.StandardSave(checkpoint.rest_of_state(state)),
                                       config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
   mgr.wait_until_finished()
   mgr.close()
