@@ -15,6 +15,9 @@ FLAGS = ["train", "--config=configs/quickstart.py", "--config.model.n_layer=2", 
          "--config.eval_every=5", "--config.checkpoint.every=5"]
 
 
+NO_CANARY = "--config.train.sharding_canary=False"  # the 1-process runs; the 2-process run checks it
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -43,7 +46,8 @@ def test_two_processes_match_one(tmp_path):
                           "--config.steps=10"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
   assert multi.returncode == 0, logs
-  single = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'single'}",
+  assert logs.count("sharding canary on mesh {'data': 8, 'fsdp': 1, 'tensor': 1}: max gradient error") == 2, logs
+  single = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, NO_CANARY, f"--workdir={tmp_path / 'single'}",
                            "--config.steps=10"], cwd=REPO, env=_env(8), capture_output=True, text=True,
                           timeout=900)
   assert single.returncode == 0, single.stderr[-2000:]
@@ -58,13 +62,13 @@ def test_two_processes_match_one(tmp_path):
   assert [(s["step"], s["process_index"]) for s in states] == [(10, 0), (10, 1)]
 
   # The 2-process checkpoint resumes in 1 process (8 devices): data repositioned from the step.
-  resumed = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'multi'}",
+  resumed = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, NO_CANARY, f"--workdir={tmp_path / 'multi'}",
                             "--config.steps=15"], cwd=REPO, env=_env(8), capture_output=True, text=True,
                            timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "restored step 10" in resumed.stderr
   assert "repositioning the data from the step" in resumed.stderr
-  more = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, f"--workdir={tmp_path / 'single'}",
+  more = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *FLAGS, NO_CANARY, f"--workdir={tmp_path / 'single'}",
                          "--config.steps=15"], cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=900)
   assert more.returncode == 0
   got, want = _metrics(tmp_path / "multi"), _metrics(tmp_path / "single")

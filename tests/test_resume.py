@@ -3,11 +3,13 @@ verifies saves, saves on Ctrl-C and on errors, and checks data and workdir befor
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -229,6 +231,24 @@ def test_data_and_workdir_are_checked_before_anything_is_written(tmp_path):
   assert out.returncode == 2 and _our_lines(out.stderr) == [
       f"config error: workdir='{tmp_path}/file': exists and is not a directory"], out.stderr[-3000:]
   assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_read_only_workdir_is_refused():
+  tmp_path = pathlib.Path(tempfile.mkdtemp())  # 0700 like pytest's tmp_path; opened to others below
+  os.chmod(tmp_path, 0o755)
+  (tmp_path / "ro").mkdir()
+  os.chmod(tmp_path / "ro", 0o555)
+  as_root = os.geteuid() == 0
+  if as_root:  # root may write anywhere: check as an unprivileged user (CI runs as root)
+    os.seteuid(65534)
+  try:
+    with pytest.raises(trainer.config_lib.ConfigError, match=r"workdir='.*/ro/run': .*/ro is not writable"):
+      trainer.check_workdir(str(tmp_path / "ro" / "run"))
+  finally:
+    if as_root:
+      os.seteuid(0)
+  assert os.listdir(tmp_path / "ro") == []
+  shutil.rmtree(tmp_path)
 
 
 def test_process_rows_are_checked_against_the_batch_sharding():

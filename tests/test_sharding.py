@@ -70,20 +70,20 @@ def host_batch(B: int, L: int, seed: int = 0) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def reference(variant: str, B: int, L: int):
-  """Single-device gradients (cached: shared by the meshes of a case)."""
+  """Single-device gradients and the params they are taken at (cached: shared by the meshes of a case)."""
   return canary.gradients(make_config(variant, (1, 1, 1), B), canary.single_device_mesh(), host_batch(B, L))
 
 
 @pytest.mark.parametrize("variant,B,L,meshes", CASES, ids=[f"{v}-B{b}-L{l}" for v, b, l, _ in CASES])
 def test_sharded_gradients_match_one_device(variant, B, L, meshes):
-  ref = reference(variant, B, L)
+  ref, params = reference(variant, B, L)
   # The comparison is not vacuous: every tensor gets a gradient.
   assert all(np.max(np.abs(g)) > 0 for g in jax.tree.leaves(ref)), variant
   for shape in meshes:
     c = make_config(variant, shape, B)
     validate(c, num_devices=math.prod(shape))
     mesh = make_mesh(c.mesh, devices=jax.devices()[:math.prod(shape)])
-    errors = canary.relative_errors(canary.gradients(c, mesh, host_batch(B, L)), ref)
+    errors = canary.relative_errors(canary.gradients(c, mesh, host_batch(B, L), params=params)[0], ref)
     worst = max(errors, key=errors.get)
     assert errors[worst] < TOL, f"{variant} mesh {shape}, {B // (shape[0] * shape[1])} rows/shard, L={L}: " \
                                 f"{worst} rel. error {errors[worst]:.3g}"

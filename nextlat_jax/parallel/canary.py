@@ -88,10 +88,11 @@ def canary_batch(rows: int, row_len: int, vocab: int, seed: int = 0) -> dict:
           "loss_mask": loss_mask.astype(np.int32)}
 
 
-def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = None) -> Any:
-  """jit(grad(loss)) of `config`'s objective on `mesh` with the run's param and batch shardings, at the
-  layout-independent init of PRNGKey(0), for `batch` (host arrays); gradients on the host.
-  `param_sharding_fn` (tests) may alter the param shardings."""
+def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = None, params: Any = None
+              ) -> tuple[Any, Any]:
+  """jit(grad(loss)) of `config`'s objective on `mesh` with the run's param and batch shardings, for
+  `batch` (host arrays), at `params` (host arrays; default the init of PRNGKey(0)): (gradients, params),
+  both on the host. `param_sharding_fn` (tests) may alter the param shardings."""
   rules = sharding.logical_rules(config)
   objective = objectives.build(config, mesh)
   boxed = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
@@ -100,11 +101,16 @@ def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = Non
     param_sh = param_sharding_fn(param_sh)
   batch_sh = sharding.batch_sharding(mesh, rules)
   rep = sharding.replicated(mesh)
-  params = jax.jit(lambda r: nn.unbox(objective.init(r)), out_shardings=param_sh)(jax.random.PRNGKey(0))
+  if params is None:
+    placed_params = jax.jit(lambda r: nn.unbox(objective.init(r)), out_shardings=param_sh)(jax.random.PRNGKey(0))
+  else:  # one init for both meshes: a compile less
+    placed_params = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i, v=v: v[i]),
+                                 params, param_sh)
   grad_fn = jax.jit(jax.grad(lambda p, b, r: objective.loss(p, b, r)[0]),
                     in_shardings=(param_sh, {k: batch_sh for k in batch}, rep), out_shardings=rep)
   placed = {k: jax.make_array_from_callback(v.shape, batch_sh, lambda i, v=v: v[i]) for k, v in batch.items()}
-  return jax.device_get(grad_fn(params, placed, jax.device_put(jax.random.PRNGKey(1), rep)))
+  grads = grad_fn(placed_params, placed, jax.device_put(jax.random.PRNGKey(1), rep))
+  return jax.device_get(grads), (jax.device_get(placed_params) if params is None else params)
 
 
 def relative_errors(grads: Any, reference: Any) -> dict[str, float]:
@@ -123,8 +129,8 @@ def single_device_mesh() -> Mesh:
 
 def gradient_errors(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = None) -> dict[str, float]:
   """relative_errors of `config`'s gradients on `mesh` against one device, for `batch` (host arrays)."""
-  return relative_errors(gradients(config, mesh, batch, param_sharding_fn),
-                         gradients(config, single_device_mesh(), batch))
+  reference, params = gradients(config, single_device_mesh(), batch)
+  return relative_errors(gradients(config, mesh, batch, param_sharding_fn, params)[0], reference)
 
 
 def check(config: Any, mesh: Mesh, row_len: int, tolerance: float = TOLERANCE) -> float:

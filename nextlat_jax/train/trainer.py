@@ -95,7 +95,7 @@ def check_workdir(workdir: str) -> None:
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
     raise config_lib.ConfigError("workdir", workdir, f"{parent} is not a directory")
-  if not os.access(parent, os.W_OK | os.X_OK):
+  if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
     raise config_lib.ConfigError("workdir", workdir, f"{parent} is not writable")
 
 
