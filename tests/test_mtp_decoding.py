@@ -33,13 +33,16 @@ def model():
   return cfg, obj, params
 
 
+def _head_logits(obj, params, x_BxT, seg_BxT, pos_BxT):
+  z = obj.modules["trunk"].apply({"params": params["trunk"]}, x_BxT, seg_BxT, pos_BxT)[0]
+  hs = obj.modules["heads"].apply({"params": params["heads"]}, z, seg_BxT, pos_BxT)
+  return jnp.stack([jnp.einsum("btd,dv->btv", h, params["trunk"]["head"]) for h in hs], axis=2)
+
+
 def _all_head_logits(obj, params, tokens_BxT):
   """(B, T, d+1, V): every head's logits at every position, from the objective's modules."""
-  x = jnp.asarray(tokens_BxT)
   seg, pos = packing.segment_ids_and_positions(np.asarray(tokens_BxT), EOS)
-  z = obj.modules["trunk"].apply({"params": params["trunk"]}, x, seg, pos)[0]
-  hs = obj.modules["heads"].apply({"params": params["heads"]}, z, seg, pos)
-  return jnp.stack([jnp.einsum("btd,dv->btv", h, params["trunk"]["head"]) for h in hs], axis=2)
+  return _head_logits(obj, params, jnp.asarray(tokens_BxT), seg, pos)
 
 
 def _prompts(seed):
@@ -76,10 +79,15 @@ def test_autoregressive_equals_a_naive_full_forward_loop(model):
   out = gen.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0), cfg=cfg,
                          sampling=GREEDY, max_new=NEW, eos_id=EOS, stop_at_eos=False,
                          head=hd.mtp_head(cfg, HORIZON + 1))
-  seq = tokens.copy()
-  for _ in range(NEW):
-    nxt = np.asarray(jnp.argmax(_all_head_logits(obj, params, seq)[:, -1, 0], -1), np.int32)
-    seq = np.concatenate([seq, nxt[:, None]], axis=1)
+  # A full forward over the whole sequence for every new token. The row is laid out at its final length
+  # (filler 2, not EOS, after the current end) so one compile serves every step: with causal attention and
+  # prefix-only segment ids / positions, the logits at t - 1 do not see the filler.
+  forward = jax.jit(lambda p, x, seg, pos: _head_logits(obj, p, x, seg, pos))
+  seq = np.full((B, P + NEW), 2, np.int32)
+  seq[:, :P] = tokens
+  for t in range(P, P + NEW):
+    seg, pos = packing.segment_ids_and_positions(seq, EOS)
+    seq[:, t] = np.asarray(jnp.argmax(forward(params, jnp.asarray(seq), seg, pos)[:, t - 1, 0], -1), np.int32)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxM)[:, :NEW], seq[:, P:])
 
 
