@@ -78,13 +78,19 @@ def canary_batch(rows: int, row_len: int, vocab: int, seed: int = 0) -> dict:
   tokens[rng.random((rows, row_len)) < 0.15] = EOS
   t = np.arange(row_len)
   valid = t[None, :] < row_len - rng.integers(0, 4, size=(rows, 1))
-  tokens = np.where(valid, tokens, 0)
-  is_eos = tokens == EOS
+  return contract_fields(tokens, valid, EOS)
+
+
+def contract_fields(tokens_BxL: np.ndarray, valid_BxL: np.ndarray, eos: int, pad: int = 0) -> dict:
+  """The batch contract (METHOD §2) for rows with EOS crossings: padding (valid False) becomes `pad`
+  with segment id -1; each document's tokens at positions 1..2 are prompt (context_length 1 style)."""
+  tokens = np.where(valid_BxL, tokens_BxL, pad)
+  t, is_eos = np.arange(tokens.shape[1]), tokens == eos
   positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  loss_mask = valid & (t >= 1) & ~((positions >= 1) & (positions <= 2))
+  loss_mask = valid_BxL & (t >= 1) & ~((positions >= 1) & (positions <= 2))
   return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.where(valid, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
-          "positions": np.where(valid, positions, 0).astype(np.int32),
+          "segment_ids": np.where(valid_BxL, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
+          "positions": np.where(valid_BxL, positions, 0).astype(np.int32),
           "loss_mask": loss_mask.astype(np.int32)}
 
 
