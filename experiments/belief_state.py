@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 from nextlat_jax.eval import run as eval_run
 from nextlat_jax.eval.metrics import belief
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import step as step_lib
+from nextlat_jax.train import preflight, step as step_lib
 from nextlat_jax.train import trainer
 
 RUNS = (("gpt", "gpt"), ("nextlat", "nextlat"), ("nextlat_muon", "nextlat,muon"))
@@ -68,7 +68,7 @@ def run_one(name: str, arg: str, seed: int, args: argparse.Namespace) -> dict:
 
 def init_control(seed: int, args: argparse.Namespace) -> dict:
   """The belief metrics of an untrained GPT (random features of the prefix)."""
-  config, _ = trainer.resolve(experiment_config("gpt", seed, args))
+  config, _ = preflight.resolve(experiment_config("gpt", seed, args))
   setup = step_lib.build(config, make_mesh(config.mesh, jax.devices()[:1]))
   params = setup.init(jax.random.PRNGKey(seed)).params
   return belief.evaluate(config, setup.objective, params, num_rows=args.belief_rows)

@@ -29,7 +29,7 @@ import belief_state as bs  # noqa: E402  (experiments/belief_state.py: configs a
 from nextlat_jax import info  # noqa: E402
 from nextlat_jax.bench.step import machine_info  # noqa: E402
 from nextlat_jax.eval import run as eval_run  # noqa: E402
-from nextlat_jax.train import trainer  # noqa: E402
+from nextlat_jax.train import preflight, trainer  # noqa: E402
 
 # (name, label, configs/hmm_belief.py argument, dotted overrides); the order is the drop order (from the end).
 VARIANTS = (
@@ -77,7 +77,7 @@ def run_variant(name: str, arg: str, overrides: dict, args: argparse.Namespace) 
   workdir = os.path.join(args.workdir, name)
   shutil.rmtree(workdir, ignore_errors=True)
   config = variant_config(arg, overrides, args)
-  counts = info.param_counts(trainer.resolve(config)[0])["training"]
+  counts = info.param_counts(preflight.resolve(config)[0])["training"]
   t0 = time.time()
   last = trainer.train(config, workdir)
   t1 = time.time()

@@ -31,7 +31,7 @@ sys.path.insert(0, REPO)
 from nextlat_jax import objectives  # noqa: E402
 from nextlat_jax.data import pipeline  # noqa: E402
 from nextlat_jax.eval import run as eval_run  # noqa: E402
-from nextlat_jax.train import trainer  # noqa: E402
+from nextlat_jax.train import preflight, trainer  # noqa: E402
 
 PAPER = {  # TASKS.md: Path-Star Fig. 6 (exact-path %, G_{2,10}; G_{2,5} is not in the paper), A5 Fig. 10 prose
     ("path_star", "gpt"): "49.4 on G_{2,10} (chance 50)",
@@ -68,7 +68,7 @@ def experiment_config(task: str, objective: str, args: argparse.Namespace):
 def labels_supported() -> bool:
   """Whether training reads `labels` (A5): the GPT loss on an A5 batch equals the CE on the labels."""
   from nextlat_jax.train import step as step_lib
-  config, _ = trainer.resolve(load_config("a5", "gpt,tiny"))
+  config, _ = preflight.resolve(load_config("a5", "gpt,tiny"))
   src = pipeline.make_source(config.data, split="train", seed=0)
   local = {k: np.stack([src[i][k] for i in range(2)]) for k in src[0]}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))

@@ -6,20 +6,23 @@ import importlib
 import logging as std_logging
 import os
 import sys
+from typing import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-# command -> (module:function taking argv, help). A command module may define its own absl flags at
-# import time; the shared ones (--config, --workdir, multi-process start-up) are defined here.
+from nextlat_jax import cli_flags
+from nextlat_jax.errors import fail
+
+# command -> (module:function taking argv, help). A command module defines its own absl flags at import
+# time; only the chosen command's module is imported. The shared flags are in nextlat_jax.cli_flags.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("nextlat_jax.cli:train",
               "train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]\n"
               "resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0"),
-    "eval": ("nextlat_jax.eval:command",
+    "eval": ("nextlat_jax.eval.cli:command",
              "eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's devices,\n"
              "and report held-out metrics (also written to DIR/eval_<step>.json)"),
-    "prepare": ("nextlat_jax.data.prepare:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
+    "prepare": ("nextlat_jax.data.prepare_cli:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
     "generate": ("nextlat_jax.decoding.cli:generate", "generate --workdir=DIR --prompt=... [--speculative --policy=...]: sample from a run (KV cache; self-speculative with --speculative)"),
     "info": ("nextlat_jax.info:main", "info --config=...: parameter counts (training / inference) and FLOPs per token, as JSON"),
     "compile-check": ("nextlat_jax.compile_check:main",
@@ -30,8 +33,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "expand a product / zip of overrides into named runs and launch them"),
     "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
     "lm-eval": ("nextlat_jax.interop.lm_eval_backend:lm_eval_command", "lm-eval --workdir=DIR --tasks=lambada_openai,piqa [--limit=N]: lm-evaluation-harness on the trunk (DIR/lm_eval/results_step<N>.json)"),
-    "export-hf": ("nextlat_jax.interop.hf_checkpoint:export_command", "export-hf --workdir=DIR --out=HF_DIR [--step=N]: the trunk as a Hugging Face LlamaForCausalLM folder"),
-    "import-hf": ("nextlat_jax.interop.hf_checkpoint:import_command", "import-hf --hf_dir=HF_DIR --out=DIR --config=...: a step-0 checkpoint whose trunk is the HF Llama (start with checkpoint.restore_from=DIR)"),
+    "export-hf": ("nextlat_jax.interop.export_hf:export_command", "export-hf --workdir=DIR --out=HF_DIR [--step=N]: the trunk as a Hugging Face LlamaForCausalLM folder"),
+    "import-hf": ("nextlat_jax.interop.import_hf:import_command", "import-hf --hf_dir=HF_DIR --out=DIR --config=...: a step-0 checkpoint whose trunk is the HF Llama (start with checkpoint.restore_from=DIR)"),
+}
+# command (or "command subcommand") -> the shared flags (nextlat_jax.cli_flags) it reads; only these are
+# defined when it runs, so its --help lists them and no other command's.
+TAKES: dict[str, tuple[str, ...]] = {
+    "train": ("config", "workdir", *cli_flags.DISTRIBUTED),
+    "eval": ("workdir", "step"),
+    "prepare": (),
+    "generate": ("workdir", "step"),
+    "info": ("config",),
+    "compile-check": ("config",),
+    "sweep": ("config", "workdir"),
+    "bench": (),
+    "bench step": ("config", "workdir"),
+    "bench decode": ("workdir", "step"),
+    "bench checkpoint": ("config", "workdir"),
+    "bench data": ("workdir",),
+    "lm-eval": ("workdir", "step"),
+    "export-hf": ("workdir", "step", "out"),
+    "import-hf": ("config", "out"),
 }
 
 
@@ -47,17 +69,6 @@ def usage() -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py, `get_config(arg)`); append ':arg' for a "
-    "preset. Override any value with --config.<key>=<value>.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: metrics.jsonl, tensorboard/, config.json, checkpoints/.")
-flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed): cluster auto-detection "
-                  "(TPU pod, SLURM) unless --coordinator_address is given.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --distributed).")
-flags.DEFINE_integer("num_processes", None, "With --coordinator_address: the number of processes.")
-flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
-flags.DEFINE_integer("step", None, "eval: the checkpoint step (default: the newest).")
-flags.DEFINE_integer("eval_steps", None, "eval: held-out batches (default: the run's eval_steps).")
 
 
 def train(argv: list[str]) -> None:
@@ -68,16 +79,36 @@ def train(argv: list[str]) -> None:
   trainer.train(FLAGS.config, FLAGS.workdir)
 
 
-def _command(name: str):
+def _command(name: str, sub: str | None) -> tuple[Callable[[list[str]], None], list[str]]:
+  """(the command's function, the modules whose flags are its own): imports the command's module (it
+  defines the command's flags) and, for `command sub` (e.g. `bench step`), the sub-command's module."""
   module_name, fn_name = COMMANDS[name][0].split(":")
   if module_name == "nextlat_jax.cli":  # this module, also when run as `python -m nextlat_jax.cli`
-    return globals()[fn_name]
-  module = importlib.import_module(module_name)  # defines the command's own flags
-  flags.adopt_module_key_flags(module)
-  sub = getattr(module, "SUBCOMMANDS", None)  # e.g. bench: import `bench <name>`'s module (its flags) too
-  if sub and len(sys.argv) > 2 and sys.argv[2] in sub:
-    flags.adopt_module_key_flags(importlib.import_module(sub[sys.argv[2]]))
-  return getattr(module, fn_name)
+    return globals()[fn_name], [cli_flags.__name__]
+  module = importlib.import_module(module_name)
+  modules = [cli_flags.__name__, module_name]
+  subs = getattr(module, "SUBCOMMANDS", None) or {}
+  if sub in subs:
+    importlib.import_module(subs[sub])
+    modules.append(subs[sub])
+  return getattr(module, fn_name), modules
+
+
+def _sub(name: str, args: list[str]) -> str | None:
+  """The sub-command (`bench step`: "step") when the command has one and args start with it."""
+  return args[0] if args and f"{name} {args[0]}" in TAKES else None
+
+
+def help_text(name: str, modules: list[str], subs: tuple[str, ...] = ()) -> str:
+  """`nextlat <name> --help`: its usage line and its flags (the shared ones it reads, then its own);
+  `subs`: its sub-commands, when none was given."""
+  lines = []
+  for m in dict.fromkeys(modules):
+    lines += FLAGS.module_help(m).strip("\n").split("\n")[1:]  # module_help's first line names the module
+  out = [f"nextlat {COMMANDS[name][1]}", "", *(["flags:", *lines] if lines else ["(no flags)"])]
+  if subs:
+    out += ["", f"sub-commands: {', '.join(subs)} (`nextlat {name} <sub-command> --help` lists its flags)"]
+  return "\n".join(out) + "\n"
 
 
 def _run(fn):
@@ -85,7 +116,7 @@ def _run(fn):
     from nextlat_jax.config import ConfigError
     from nextlat_jax.train.checkpoint import SaveError
     from nextlat_jax.train.interrupts import Interrupted
-    from nextlat_jax.train.trainer import TrainingStopped
+    from nextlat_jax.train.interrupts import TrainingStopped
     logging.set_verbosity(logging.WARNING)  # library chatter (orbax, jax) off; ours on:
     handler = std_logging.StreamHandler()
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -93,7 +124,7 @@ def _run(fn):
     ours.addHandler(handler)
     ours.setLevel(std_logging.INFO)
     ours.propagate = False
-    if FLAGS.distributed or FLAGS.coordinator_address:
+    if "distributed" in FLAGS and (FLAGS.distributed or FLAGS.coordinator_address):
       from nextlat_jax.parallel import distributed
       distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
@@ -113,12 +144,6 @@ def _run(fn):
       print("aborted (Ctrl-C): nothing saved since the last checkpoint", file=sys.stderr)
       sys.exit(130)
   return wrapped
-
-
-def fail(message: str) -> None:
-  """A user error: `message` as the one line on stderr, exit status 2."""
-  print(message, file=sys.stderr)
-  sys.exit(2)
 
 
 def _config_arg(args: list[str], prefix: str = "--config") -> str | None:
@@ -185,15 +210,18 @@ def main() -> None:
   if command == "compile-check":  # the fake device count must be set before JAX starts
     from nextlat_jax.compile_check import simulate_devices
     simulate_devices(argv[2:])
+  sub = _sub(command, argv[2:])
+  takes = TAKES[f"{command} {sub}" if sub else command]
+  cli_flags.keep_only(takes)
+  fn, modules = _command(command, sub)
   if any(a in ("-h", "--help", "--helpshort") for a in argv[2:]):
-    fn = _command(command)
-    print(f"nextlat {COMMANDS[command][1]}\n")
-    modules = dict.fromkeys([__name__, fn.__module__ if fn.__module__ != "nextlat_jax.cli" else __name__])
-    print("\n".join(FLAGS.module_help(m) for m in modules if FLAGS.module_help(m)))
+    subs = () if sub else tuple(k.split(" ", 1)[1] for k in TAKES if k.startswith(f"{command} "))
+    print(help_text(command, modules, subs), end="")
     sys.exit(0)
-  _check_config_file(command, argv[2:])
+  if "config" in takes:
+    _check_config_file(command, argv[2:])
   # absl parses the flags; the command (and a sub-command such as `bench step`) stay positional.
-  app.run(_run(_command(command)), argv=[f"nextlat {command}"] + argv[2:], flags_parser=_flags_parser(command))
+  app.run(_run(fn), argv=[f"nextlat {command}"] + argv[2:], flags_parser=_flags_parser(command))
 
 
 if __name__ == "__main__":

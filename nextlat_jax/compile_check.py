@@ -9,7 +9,7 @@ import os
 
 from absl import flags
 
-flags.DEFINE_string("mesh", None, "compile-check: mesh sizes data,fsdp,tensor (e.g. 1,8,1); the command "
+flags.DEFINE_string("mesh", None, "Mesh sizes data,fsdp,tensor (e.g. 1,8,1); the command "
                     "simulates that many CPU devices.")
 FLAGS = flags.FLAGS
 
@@ -30,7 +30,7 @@ def check(config, mesh_sizes: tuple[int, int, int] | None = None) -> dict:
   from nextlat_jax import config as config_lib
   from nextlat_jax.parallel.mesh import make_mesh
   from nextlat_jax.train import step as step_lib
-  from nextlat_jax.train.trainer import param_count
+  from nextlat_jax.train.sizes import GIB, param_count, step_memory
 
   import ml_collections
   config = ml_collections.ConfigDict(config.to_dict())
@@ -44,17 +44,9 @@ def check(config, mesh_sizes: tuple[int, int, int] | None = None) -> dict:
   lowered = setup.step.lower(setup.abstract_state, setup.abstract_batch(int(config.batch_size), row_len),
                              setup.abstract_rng())
   compiled = lowered.compile()
-  stats = compiled.memory_analysis()
-  gib = lambda b: round(b / 2**30, 3)
-  out = {"mesh": dict(setup.mesh.shape), "devices": jax.device_count(),
-         "params": {k: param_count(v) for k, v in setup.abstract_state.params.items()},
-         "per_device_memory_gib": None}
-  if stats is not None:
-    mem = {"arguments": gib(stats.argument_size_in_bytes), "outputs": gib(stats.output_size_in_bytes),
-           "temporaries": gib(stats.temp_size_in_bytes), "aliased": gib(stats.alias_size_in_bytes)}
-    mem["total"] = round(mem["arguments"] + mem["outputs"] + mem["temporaries"] - mem["aliased"], 3)
-    out["per_device_memory_gib"] = mem
-  return out
+  return {"mesh": dict(setup.mesh.shape), "devices": jax.device_count(),
+          "params": {k: param_count(v) for k, v in setup.abstract_state.params.items()},
+          "per_device_memory_gib": step_memory(compiled, GIB, 3)}
 
 
 def main(argv: list[str]) -> None:

@@ -1,28 +1,20 @@
-"""Shared config defaults and validation: every user error names the key and the value."""
+"""The config in one place: `base_config()` holds every default, `from_saved` reads a checkpoint's config
+over it, `validate` runs every check before anything is built or compiled.
+
+The checks live beside what they check (nextlat_jax.models.checks, the objective modules,
+nextlat_jax.train.optimizer, nextlat_jax.parallel.sharding) and raise `ConfigError` (nextlat_jax.errors):
+one line naming the key and the value. This module imports them only inside `validate`, so nothing here
+runs at import time beyond ml_collections.
+"""
 from __future__ import annotations
 
 import re
 
 import ml_collections
 
-from nextlat_jax import objectives
-from nextlat_jax.models.transformer import DTYPES, REMAT_POLICIES
-from nextlat_jax.parallel.mesh import MESH_AXES, mesh_shape
-from nextlat_jax.parallel.sharding import DEFAULT_RULES, logical_rules
-from nextlat_jax.train.optimizer import (
-  MUON_ADAM_PATTERNS,
-  OPTIMIZERS,
-  SCHEDULES,
-  muon_available,
-)
+from nextlat_jax.errors import ConfigError, need
 
-
-class ConfigError(ValueError):
-  """A bad config value; the message is one line naming the key and the value."""
-
-  def __init__(self, key: str, value: object, why: str):
-    super().__init__(f"config error: {key}={value!r}: {why}")
-    self.key, self.value = key, value
+__all__ = ["ConfigError", "base_config", "from_saved", "parse_preset", "validate"]
 
 
 def parse_preset(arg: str | None, where: str, option: str, option_help: str
@@ -30,6 +22,7 @@ def parse_preset(arg: str | None, where: str, option: str, option_help: str
   """A task config's argument "OBJECTIVE,OPTION,tiny" (each part optional, any order, comma-separated):
   (objective name, default "nextlat"; the match of the last part that fully matches the regex `option`,
   or None; whether "tiny" was given). Anything else raises ValueError naming `where` and the part."""
+  from nextlat_jax import objectives
   names = objectives.names()
   name, match, tiny = "nextlat", None, False
   for part in [p.strip() for p in (arg or "").split(",") if p.strip()]:
@@ -46,23 +39,28 @@ def parse_preset(arg: str | None, where: str, option: str, option_help: str
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults every experiment config starts from (values not in the paper are marked)."""
+  """Every default, the one place they live: experiment configs (configs/*.py) start from it and
+  override; consumers read the keys directly. Values not in the paper are marked."""
+  from nextlat_jax.parallel.sharding import DEFAULT_RULES
+  from nextlat_jax.train.optimizer import MUON_ADAM_PATTERNS
   c = ml_collections.ConfigDict()
   c.seed = 0  # not specified by the paper for most tasks
-  c.steps = 1000
+  c.steps = 1000  # optimizer updates
   c.batch_size = 32  # global rows per step
   c.microbatches = 1  # gradient accumulation: the step runs batch_size / microbatches rows at a time
-  c.log_every = 10
+  c.log_every = 10  # steps between metric lines (metrics.jsonl, TensorBoard, the progress bar)
   c.eval_every = 200  # 0 disables held-out evaluation
   c.eval_steps = 4  # held-out batches per evaluation
+  c.eval_task = ml_collections.config_dict.placeholder(str)  # `nextlat eval`'s task metrics; None: data.name
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=0,  # 0: take it from the dataset
-      d_model=384, n_layer=6, n_head=6,
+      d_model=384, n_layer=6, n_head=6,  # width, blocks, attention heads (head_dim = d_model / n_head)
       ffn_width=0,  # 0: 128 * round(8D/3/128) as in the reference
-      rope_base=10000.0, norm_eps=1e-5, init_std=0.02,
-      scan_layers=True, remat="none",  # none | full | dots | dots_no_batch
-      dtype="float32", param_dtype="float32",
+      rope_base=10000.0, norm_eps=1e-5, init_std=0.02,  # RoPE base, RMSNorm epsilon, N(0, std) init
+      scan_layers=True,  # the blocks as one jax.lax.scan (one compiled block) or unrolled
+      remat="none",  # none | full | dots | dots_no_batch
+      dtype="float32", param_dtype="float32",  # compute / parameter dtypes: float32 | bfloat16
       attention_impl=ml_collections.config_dict.placeholder(str),  # None: XLA's choice; "xla" | "cudnn"
   ))
   c.dynamics = ml_collections.ConfigDict(dict(
@@ -72,7 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
       window=4,  # attn: the chain's last k predicted latents attended to (not in the paper)
   ))
   c.objective = ml_collections.ConfigDict(dict(
-      name="nextlat", horizon=1, lambda_next_h=1.0, lambda_kl=1.0,
+      name="nextlat",  # gpt | nextlat | mtp | mtp_deepseek | jtp | bst (nextlat_jax.objectives)
+      horizon=1,  # d: rollout steps (nextlat), extra heads / slots / modules (mtp, jtp, mtp_deepseek)
+      lambda_next_h=1.0, lambda_kl=1.0,  # nextlat: weights of the next-latent and token-space terms
       eos_mask="transition",  # reference; "chain" masks every step at or after an EOS crossing
       # NextLat ablation switches (docs/research.md); the paper's choice is the default.
       next_h_stop_gradient=True,  # stop-gradient on the next-h target h_{t+i}; False: it trains the trunk
@@ -93,20 +93,27 @@ def base_config() -> ml_collections.ConfigDict:
       bst_normalize="row",  # bst: "row" (mean per row, then over rows; reference) | "pair"; not specified
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-4, schedule="constant", warmup_steps=0, decay_steps=0,
+      name="adamw",  # adamw | muon
+      lr=3e-4,  # peak learning rate
+      schedule="constant", warmup_steps=0,  # constant | wsd | cosine, each after a linear warm-up
+      decay_steps=0,  # wsd only: the last decay_steps updates decay linearly to 0
       final_lr_fraction=0.0,  # cosine only
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0,  # grad_clip 0 disables clipping
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,  # AdamW (weight decay on matrices only)
+      grad_clip=1.0,  # global-norm clipping; 0 disables it
       # name="muon": Muon on the hidden matrices, AdamW (the keys above) on the rest (docs/research.md).
       # Not specified by the paper (App. E tried Muon without settings): defaults of optax.contrib.muon /
       # Keller Jordan's Muon.
       muon_lr=0.02,  # peak LR of the Muon matrices; follows optimizer.schedule like lr
-      muon_momentum=0.95, muon_nesterov=True, muon_ns_steps=5,
+      muon_momentum=0.95, muon_nesterov=True, muon_ns_steps=5,  # momentum, Nesterov, Newton-Schulz steps
       muon_weight_decay=ml_collections.config_dict.placeholder(float),  # None: optimizer.weight_decay
       muon_consistent_rms=ml_collections.config_dict.placeholder(float),  # None: sqrt(max(1, out/in)) scaling
       muon_split_fused=True,  # q/k/v and gate/up kernels as separate matrices
       muon_adam_patterns=MUON_ADAM_PATTERNS,  # regexes on param paths that stay on AdamW
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=DEFAULT_RULES))
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, tensor=1,  # axis sizes; one may be -1: the remaining devices
+      rules=DEFAULT_RULES,  # logical axis name -> mesh axes (nextlat_jax.parallel.sharding)
+  ))
   c.peak_flops_per_device = 0.0  # for MFU; 0: from the table of known chips (none for CPUs)
   c.nan_guard = "skip"  # a NaN/inf loss or gradient: "skip" the update (counted) or "stop" the run
   c.train = ml_collections.ConfigDict(dict(
@@ -118,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
       every=0,  # save every N steps (and at the end, on SIGTERM); 0: no checkpoints
       keep=3,  # keep the last K ...
       keep_period=0,  # ... plus every M-th step for good (0: none)
-      async_save=True,
+      async_save=True,  # save in the background while training continues
       snapshot_on_device=True,  # copy the state on device and save from a background thread
       restore_from=ml_collections.config_dict.placeholder(str),  # start from another run's checkpoint
       # A workdir whose checkpoints are all unreadable stops the run; True moves them aside
@@ -128,99 +135,22 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | None = None) -> None:
-  """Raises ConfigError for the first bad value; call before building or compiling anything."""
-  def need(ok: bool, key: str, value: object, why: str) -> None:
-    if not ok:
-      raise ConfigError(key, value, why)
+def _merge(base: dict, saved: dict) -> dict:
+  """`saved` over `base`, recursively: keys only in `base` keep its value, every key of `saved` wins."""
+  out = dict(base)
+  for key, value in saved.items():
+    out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+  return out
 
-  m, o, opt = c.model, c.objective, c.optimizer
-  for key in ("d_model", "n_layer", "n_head"):
-    need(int(m[key]) >= 1, f"model.{key}", m[key], "must be >= 1")
-  need(m.d_model % m.n_head == 0, "model.d_model", m.d_model,
-       f"must be divisible by model.n_head={m.n_head}")
-  need((m.d_model // m.n_head) % 2 == 0, "model.n_head", m.n_head, "head_dim must be even for RoPE")
-  need(m.vocab_size >= 1, "model.vocab_size", m.vocab_size, "must be >= 1")
-  if data_vocab is not None:
-    need(m.vocab_size >= data_vocab, "model.vocab_size", m.vocab_size,
-         f"smaller than the dataset's vocabulary ({data_vocab})")
-  need(m.remat in REMAT_POLICIES, "model.remat", m.remat, f"must be one of {REMAT_POLICIES}")
-  for key in ("dtype", "param_dtype"):
-    need(m[key] in DTYPES, f"model.{key}", m[key], f"must be one of {tuple(DTYPES)}")
-  need(m.attention_impl in (None, "xla", "cudnn"), "model.attention_impl", m.attention_impl,
-       "must be None, 'xla' or 'cudnn'")
 
-  need(o.name in objectives.names(), "objective.name", o.name,
-       f"unknown objective (known: {', '.join(objectives.names())})")
-  if o.name == "nextlat":
-    need(int(o.horizon) >= 1, "objective.horizon", o.horizon, "must be >= 1 for nextlat")
-    need(o.eos_mask in ("transition", "chain"), "objective.eos_mask", o.eos_mask,
-         "must be 'transition' or 'chain'")
-    need(c.dynamics.kind in ("mlp", "resmlp", "gru", "attn"), "dynamics.kind", c.dynamics.kind,
-         "unknown (known: mlp, resmlp, gru, attn)")
-    need(int(c.dynamics.get("layers", 2)) >= 1, "dynamics.layers", c.dynamics.get("layers"), "must be >= 1")
-    need(int(c.dynamics.get("window", 4)) >= 1, "dynamics.window", c.dynamics.get("window"), "must be >= 1")
-    for key in ("next_h_stop_gradient", "kl_frozen_head"):
-      need(isinstance(o.get(key, True), bool), f"objective.{key}", o.get(key), "must be True or False")
-    need(o.get("token_loss", "kl") in ("kl", "ce", "none"), "objective.token_loss", o.get("token_loss"),
-         "must be 'kl', 'ce' or 'none'")
-    need(o.get("next_h_loss", "smooth_l1") in ("smooth_l1", "mse", "cosine"), "objective.next_h_loss",
-         o.get("next_h_loss"), "must be 'smooth_l1', 'mse' or 'cosine'")
-    need(int(c.dynamics.hidden) >= 1, "dynamics.hidden", c.dynamics.hidden, "must be >= 1")
-    for key in ("lambda_next_h", "lambda_kl"):
-      need(float(o[key]) >= 0, f"objective.{key}", o[key], "must be >= 0")
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (the JSON dict stored with its checkpoints) over base_config(), so a run saved
+  before a key existed reads that key's default (the value the code before it behaved as)."""
+  return ml_collections.ConfigDict(_merge(base_config().to_dict(), saved))
 
-  if o.name in ("mtp", "mtp_deepseek", "jtp"):
-    need(int(o.horizon) >= 1, "objective.horizon", o.horizon, f"must be >= 1 for {o.name}")
-    need(float(o.lambda_mtp) >= 0, "objective.lambda_mtp", o.lambda_mtp, "must be >= 0")
-  if o.name == "mtp":
-    need(int(m.n_layer) >= 2, "model.n_layer", m.n_layer, "must be >= 2 for mtp (trunk of n_layer - 1 blocks)")
-    need(o.mtp_eos_mask in ("reference", "intended"), "objective.mtp_eos_mask", o.mtp_eos_mask,
-         "must be 'reference' or 'intended'")
-  if o.name in ("mtp", "jtp"):
-    reps = ("trunk", "head0") if o.name == "mtp" else ("trunk", "combine")
-    need(o.representation in reps, "objective.representation", o.representation,
-         f"must be one of {reps} for {o.name}")
-  if o.name == "jtp":
-    need(m.d_model % min(4, m.n_head) == 0, "model.d_model", m.d_model,
-         f"must be divisible by jtp's min(4, n_head)={min(4, m.n_head)} Fetch heads")
-  if o.name == "mtp_deepseek":
-    need(o.deepseek_concat in ("embedding_first", "hidden_first"), "objective.deepseek_concat",
-         o.deepseek_concat, "must be 'embedding_first' or 'hidden_first'")
-  if o.name == "bst":
-    need(int(o.bst_min_gap) >= 1, "objective.bst_min_gap", o.bst_min_gap, "must be >= 1")
-    need(int(o.bst_max_gap) == -1 or int(o.bst_max_gap) > int(o.bst_min_gap), "objective.bst_max_gap",
-         o.bst_max_gap, f"must be -1 (no limit) or > bst_min_gap={o.bst_min_gap}")
-    need(0 < float(o.bst_pair_fraction) <= 1, "objective.bst_pair_fraction", o.bst_pair_fraction,
-         "must be in (0, 1]")
-    need(int(o.bst_pair_chunk) >= 1, "objective.bst_pair_chunk", o.bst_pair_chunk, "must be >= 1")
-    need(o.bst_normalize in ("row", "pair"), "objective.bst_normalize", o.bst_normalize, "must be 'row' or 'pair'")
 
-  need(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"unknown (known: {', '.join(OPTIMIZERS)})")
-  if opt.name == "muon":
-    need(muon_available(), "optimizer.name", opt.name, "needs optax >= 0.2.7 (Muon weight_dimension_numbers)")
-    need(float(opt.muon_lr) > 0, "optimizer.muon_lr", opt.muon_lr, "must be > 0")
-    need(0 <= float(opt.muon_momentum) < 1, "optimizer.muon_momentum", opt.muon_momentum, "must be in [0, 1)")
-    need(int(opt.muon_ns_steps) >= 1, "optimizer.muon_ns_steps", opt.muon_ns_steps, "must be >= 1")
-    need(opt.muon_weight_decay is None or float(opt.muon_weight_decay) >= 0, "optimizer.muon_weight_decay",
-         opt.muon_weight_decay, "must be None (= optimizer.weight_decay) or >= 0")
-    need(opt.muon_consistent_rms is None or float(opt.muon_consistent_rms) > 0, "optimizer.muon_consistent_rms",
-         opt.muon_consistent_rms, "must be None (width scaling) or > 0")
-    pats = opt.muon_adam_patterns
-    need(isinstance(pats, (tuple, list)) and all(isinstance(p, str) for p in pats), "optimizer.muon_adam_patterns",
-         pats, "must be a tuple of regex strings")
-    for pat in pats:
-      try:
-        re.compile(pat)
-      except re.error as e:
-        raise ConfigError("optimizer.muon_adam_patterns", pat, f"not a regex: {e}") from None
-  need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {SCHEDULES}")
-  need(float(opt.lr) > 0, "optimizer.lr", opt.lr, "must be > 0")
-  need(int(opt.warmup_steps) >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
-  if opt.schedule == "wsd":
-    need(0 <= int(opt.decay_steps) <= int(c.steps) - int(opt.warmup_steps), "optimizer.decay_steps",
-         opt.decay_steps, f"must be in [0, steps - warmup_steps] = [0, {c.steps - opt.warmup_steps}]")
-
+def _validate_run(c: ml_collections.ConfigDict) -> None:
+  """The run's own keys: steps, logging, evaluation, checkpoints, the NaN guard."""
   need(int(c.steps) >= 1, "steps", c.steps, "must be >= 1")
   need(c.nan_guard in ("skip", "stop"), "nan_guard", c.nan_guard, "must be 'skip' or 'stop'")
   for key in ("every", "keep_period"):
@@ -228,37 +158,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   need(int(c.checkpoint.keep) >= 1, "checkpoint.keep", c.checkpoint.keep, "must be >= 1")
   need(int(c.log_every) >= 1, "log_every", c.log_every, "must be >= 1")
   need(int(c.eval_every) >= 0, "eval_every", c.eval_every, "must be >= 0")
-  sizes = {a: c.mesh[a] for a in MESH_AXES}
-  try:
-    shape = mesh_shape(c.mesh, num_devices)
-  except ValueError as e:
-    raise ConfigError("mesh", sizes, str(e).split(": ", 1)[-1]) from None
-  need(all(s >= 1 for s in shape), "mesh", sizes, "axis sizes must be >= 1 (or one -1)")
-  need(shape[0] * shape[1] * shape[2] == num_devices, "mesh", sizes,
-       f"product {shape[0] * shape[1] * shape[2]} != device count {num_devices}")
-  dp = shape[0] * shape[1]
-  need(int(c.batch_size) >= 1 and c.batch_size % dp == 0, "batch_size", c.batch_size,
-       f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
-  k = int(c.get("microbatches", 1))
-  need(k >= 1 and c.batch_size % (k * dp) == 0, "microbatches", k,
-       f"batch_size={c.batch_size} must be divisible by microbatches * data-parallel size ({dp})")
-  # XLA's SPMD partitioner (jax 0.10.2 .. 0.12.0, Shardy and GSPMD) permutes the batch rows of a cotangent
-  # and never permutes them back when the batch is tiled (data, fsdp) and weights (fsdp, tensor) on a mesh
-  # with all three axes > 1: wrong gradients (docs/sharding.md). DEFAULT_RULES tile it (fsdp, data).
-  batch_rule = dict(logical_rules(c)).get("activation_batch")
-  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
-  need(not (min(shape) > 1 and {"data", "fsdp"} <= set(batch_axes)
-            and batch_axes.index("data") < batch_axes.index("fsdp")), "mesh.rules", f"activation_batch={batch_rule}",
-       f"batch over (data, fsdp) on mesh {dict(zip(MESH_AXES, shape))} triggers an XLA SPMD miscompile "
-       "(wrong gradients, docs/sharding.md); use ('fsdp', 'data') as in DEFAULT_RULES")
-  fsdp, tensor = shape[1], shape[2]
-  ffn = int(m.ffn_width) or 128 * round(8 * m.d_model / 3 / 128)
-  for key, size, axis, n in (("model.n_head", m.n_head, "mesh.tensor", tensor),
-                             ("model.vocab_size", m.vocab_size, "mesh.tensor", tensor),
-                             ("model.ffn_width (SwiGLU width)", ffn, "mesh.tensor", tensor),
-                             ("model.d_model", m.d_model, "mesh.fsdp", fsdp)):
-    need(size % n == 0, key, size, f"must be divisible by {axis}={n} (it is sharded over that axis)")
-  if o.name == "nextlat":
-    H = int(c.dynamics.hidden)
-    need(H % tensor == 0 and H % fsdp == 0, "dynamics.hidden", H,
-         f"must be divisible by mesh.tensor={tensor} and mesh.fsdp={fsdp}")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | None = None) -> None:
+  """Raises ConfigError for the first bad value; call before building or compiling anything. The checks,
+  in order: the trunk, the objective (and its dynamics), the optimizer, the run's keys, the mesh and the
+  batch over it, then the trunk's and the objective's widths on the mesh."""
+  from nextlat_jax import objectives
+  from nextlat_jax.models import checks as model_checks
+  from nextlat_jax.parallel import sharding
+  from nextlat_jax.train import optimizer
+  model_checks.validate(c, data_vocab)
+  objectives.validate(c)
+  optimizer.validate(c)
+  _validate_run(c)
+  _, fsdp, tensor = sharding.validate(c, num_devices)
+  model_checks.validate_sharding(c, fsdp, tensor)
+  objectives.validate_sharding(c, fsdp, tensor)

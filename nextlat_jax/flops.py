@@ -32,7 +32,7 @@ from nextlat_jax.models.transformer import ffn_width
 def _model_dims(config: Any) -> tuple[int, int, int, int, int]:
   m = config.model
   D, V, n_layer = int(m.d_model), int(m.vocab_size), int(m.n_layer)
-  F = int(m.get("ffn_width", 0) or 0) or ffn_width(D)
+  F = ffn_width(D, int(m.get("ffn_width", 0) or 0))
   H = int(config.dynamics.hidden) if "dynamics" in config else 0
   return D, V, n_layer, F, H
 

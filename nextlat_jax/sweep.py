@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 from absl import flags
 
-flags.DEFINE_string("sweep", None, "sweep: a Python file with get_sweep() -> list of override dicts.")
-flags.DEFINE_enum("launcher", "local", ["local", "slurm"], "sweep: run each command here, one after "
+flags.DEFINE_string("sweep", None, "A Python file with get_sweep() -> list of override dicts.")
+flags.DEFINE_enum("launcher", "local", ["local", "slurm"], "Run each command here, one after "
                   "the other (local), or submit each with `sbatch launch/slurm.sbatch` (slurm).")
-flags.DEFINE_bool("dry_run", False, "sweep: print the commands, launch nothing.")
+flags.DEFINE_bool("dry_run", False, "Print the commands, launch nothing.")
 FLAGS = flags.FLAGS
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nextlat_jax import objectives
-from nextlat_jax.config import ConfigError, base_config, validate
+from nextlat_jax.config import ConfigError, base_config, from_saved, validate
 
 from tests.tiny import contract_fields, random_rows
 
@@ -215,10 +215,12 @@ def test_defaults_are_the_papers_and_validated():
 
 
 def test_default_switches_equal_a_config_without_the_keys():
-  """Saved configs from before the switches existed build the same objective."""
+  """Saved configs from before the switches existed (read over base_config) build the same objective."""
   c = make_config()
   for key in DEFAULTS:
     del c.objective[key]
+  c = from_saved(c.to_dict())
+  assert all(c.objective[key] == value for key, value in DEFAULTS.items())
   _, metrics = jax.jit(objectives.build(c).loss, compiler_options=FAST)(params(), BATCH, jax.random.PRNGKey(0))
   assert jax.device_get(metrics) == run()[0]
 

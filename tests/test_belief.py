@@ -164,8 +164,8 @@ def load_config(arg):
 def test_metric_runs_on_a_model():
   from nextlat_jax.eval.run import TaskRun
   from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import step as step_lib
-  from nextlat_jax.train import trainer
+  from nextlat_jax.run import Run
+  from nextlat_jax.train import preflight, step as step_lib
   assert TASK_METRICS["hmm"] == "nextlat_jax.eval.metrics.belief:task"
   with pytest.raises(ValueError, match="configs/hmm_belief.py"):
     load_config("gpt,adam")
@@ -174,12 +174,11 @@ def test_metric_runs_on_a_model():
   c = load_config("gpt")
   c.data.update(seq_len=12)
   c.model.update(d_model=16, n_layer=1, n_head=2)
-  cfg, info = trainer.resolve(c)
+  cfg, info = preflight.resolve(c)
   assert cfg.model.vocab_size == info.vocab_size == 4
-  setup = step_lib.build(cfg, make_mesh(cfg.mesh, jax.devices()[:2]))
-  params = setup.init(jax.random.PRNGKey(0)).params
-  run = TaskRun(workdir="", config=cfg, setup=setup, params=params, step=0, out_dir="", num_samples=8,
-                batch_size=4, show_progress=False)
+  mesh = make_mesh(cfg.mesh, jax.devices()[:2])
+  params = step_lib.build(cfg, mesh).init(jax.random.PRNGKey(0)).params
+  run = TaskRun(Run.from_params(cfg, params, mesh), out_dir="", num_samples=8, batch_size=4, show_progress=False)
   out = belief.task(run)
   assert out["num_rows_fit"] == 4 and out["num_rows_test"] == 4 and out["positions_per_row"] == 12
   assert len(out["next_symbol_kl_by_position"]) == 12

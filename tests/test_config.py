@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 
 from nextlat_jax.config import ConfigError
-from nextlat_jax.train import trainer
+from nextlat_jax.train import preflight
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO))
@@ -44,14 +44,14 @@ BAD = [
 def test_bad_value_names_key_and_value(overrides, key_part, why_part):
   assert jax.device_count() == 8
   with pytest.raises(ConfigError) as err:
-    trainer.resolve(_config(**overrides))
+    preflight.resolve(_config(**overrides))
   msg = str(err.value)
   assert msg.startswith("config error: ") and "\n" not in msg
   assert key_part in msg and why_part in msg, msg
 
 
 def test_good_config_resolves_vocab_and_eos():
-  config, info = trainer.resolve(_config())
+  config, info = preflight.resolve(_config())
   assert config.model.vocab_size == info.vocab_size == 74
   assert config.data.eos_id == info.eos_id == 1
   assert info.row_len == config.data.seq_len + 1

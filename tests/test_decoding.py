@@ -1,6 +1,7 @@
 """KV cache, generation and self-speculative decoding: exactness against the full forward, losslessness
 (greedy: token for token; sampling: chi-square against the exact autoregressive law), rollback, batching,
 EOS, and decoding a restored checkpoint on a mesh and through the CLI."""
+import dataclasses
 import itertools
 import json
 
@@ -293,7 +294,7 @@ def _checkpoint(tmp_path, **objective):
   from configs import quickstart
   from nextlat_jax.data import pipeline
   from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, trainer
+  from nextlat_jax.train import checkpoint, preflight
   from nextlat_jax.train import step as step_lib
   c = quickstart.get_config()
   c.model.update(n_layer=2, d_model=32, n_head=2, init_std=0.2)
@@ -301,7 +302,7 @@ def _checkpoint(tmp_path, **objective):
   c.data.seq_len = 32
   c.batch_size = 8
   c.objective.update(objective)
-  config, _ = trainer.resolve(c)
+  config, _ = preflight.resolve(c)
   setup = step_lib.build(config, make_mesh(config.mesh))
   state = setup.init(jax.random.PRNGKey(0))
   ds = pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0,
@@ -318,12 +319,13 @@ def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
   import nextlat_jax.cli  # noqa: F401  (defines --workdir and --step)
   from nextlat_jax.decoding import cli
   from nextlat_jax.parallel.mesh import make_mesh
+  from nextlat_jax.run import load_run
   from nextlat_jax.train import checkpoint
   from nextlat_jax.train import step as step_lib
   config = _checkpoint(tmp_path)
-  run = cli.load_run(str(tmp_path))  # all 8 devices on `data`
-  assert run.step == 1 and run.drafter is not None
-  tok = cli.tokenizer(run.config)
+  run = load_run(str(tmp_path))  # all 8 devices on `data`
+  assert run.step == 1 and cli.drafter(run) is not None
+  tok = run.tokenizer
   prompts = [[int(t) for t in tok.encode(p)] for p in ("3 17", "40 2 N E", "end 5")]
   key = jax.random.PRNGKey(0)
   ar = cli.decode(run, prompts, key, GREEDY, 12)
@@ -335,7 +337,7 @@ def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
   setup = step_lib.build(sharded, make_mesh(sharded.mesh))
   params, _ = checkpoint.restore_params(str(tmp_path / "checkpoints"), setup.abstract_state.params)
   assert params["trunk"]["blocks"]["qkv"]["kernel"].sharding.mesh.devices.size == 8
-  run.params = params
+  run = dataclasses.replace(run, params=params)
   out = cli.decode(run, prompts, key, GREEDY, 12)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxM), np.asarray(ar.tokens_BxM))
 

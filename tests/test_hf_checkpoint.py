@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from nextlat_jax.data import packing
-from nextlat_jax.interop import hf_checkpoint
+from nextlat_jax.interop import export_hf, hf_checkpoint, hf_config, import_hf
 from nextlat_jax.models.transformer import ModelConfig, Transformer, unembed
+from nextlat_jax.run import load_run
 
 TINY = {"model.n_layer": 2, "model.d_model": 32, "model.n_head": 2, "model.init_std": 0.3, "dynamics.hidden": 64,
         "data.seq_len": 16, "batch_size": 8}
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
   from configs import quickstart
   from nextlat_jax.data import pipeline
   from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, trainer
+  from nextlat_jax.train import checkpoint, preflight
   from nextlat_jax.train import step as step_lib
   path = tmp_path_factory.mktemp("run")
   c = quickstart.get_config()
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  config, _ = trainer.resolve(c)
+  config, _ = preflight.resolve(c)
   setup = step_lib.build(config, make_mesh(config.mesh))
   ds = pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0, process_count=1)
   mgr = checkpoint.manager(str(path / "checkpoints"), config.checkpoint)
@@ -76,12 +77,12 @@ def _our_logits(trunk, cfg, tokens, eos_id):
 
 def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, capsys):
   out = tmp_path / "hf"
-  _run_command(hf_checkpoint.export_command, ["nextlat export-hf", f"--workdir={run_dir}", f"--out={out}"])
+  _run_command(export_hf.export_command, ["nextlat export-hf", f"--workdir={run_dir}", f"--out={out}"])
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["step"] == 2
   assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(summary["files"])
-  run = hf_checkpoint.restore_trunk(str(run_dir))
-  tok = hf_checkpoint.run_tokenizer(run.config)
+  run = load_run(str(run_dir))
+  trunk_params, tok = hf_config.llama_trunk(run), run.tokenizer
 
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
   text = "end 3 12 N E S 40 end 7"
@@ -91,7 +92,7 @@ def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, c
   model = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager")
   assert model.dtype == torch.float32
   ids = np.asarray([tok.encode("end 3 12 N E S 40 W"), tok.encode("5 9 N N E W SE 2")], np.int32)
-  ours, pos = _our_logits(run.trunk, run.cfg, ids, run.eos_id)
+  ours, pos = _our_logits(trunk_params, run.cfg, ids, run.eos_id)
   with torch.no_grad():
     theirs = model(torch.from_numpy(ids[:1]).long()).logits.numpy()  # EOS-led: HF's default positions 0, 1, ...
     theirs_pos = model(torch.from_numpy(ids).long(), position_ids=torch.from_numpy(pos).long()).logits.numpy()
@@ -102,35 +103,36 @@ def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, c
   assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.ffn, cfg.rope_base, cfg.norm_eps) == (
       run.cfg.d_model, run.cfg.n_layer, run.cfg.n_head, run.cfg.ffn, run.cfg.rope_base, run.cfg.norm_eps)
   assert hf["max_position_embeddings"] == 16
-  _assert_trees_equal(trunk, jax.device_get(run.trunk))
+  _assert_trees_equal(trunk, jax.device_get(trunk_params))
 
 
 def test_import_is_a_step0_state_restore_from_starts_from(run_dir, tmp_path, capsys):
   from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, evaluate, trainer
+  from nextlat_jax.run import run_config
+  from nextlat_jax.train import checkpoint, preflight
   from nextlat_jax.train import step as step_lib
   hf = tmp_path / "hf"
   hf_checkpoint.export_run(str(run_dir), str(hf))
   out = tmp_path / "imported"
   overrides = [f"--config.{k}={v}" for k, v in TINY.items()]
-  _run_command(hf_checkpoint.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={out}",
-                                              f"--config={REPO / 'configs/quickstart.py'}", *overrides])
+  _run_command(import_hf.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={out}",
+                                       f"--config={REPO / 'configs/quickstart.py'}", *overrides])
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 0
   # what the trainer does with checkpoint.restore_from=OUT, here onto a data x fsdp x tensor mesh
-  config = evaluate.run_config(str(run_dir))
+  config = run_config(str(run_dir))
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  config, _ = trainer.resolve(config)
+  config, _ = preflight.resolve(config)
   setup = step_lib.build(config, make_mesh(config.mesh))
   src_dir, step = checkpoint.resolve_path(str(out))
   state = checkpoint.restore_step(checkpoint.manager(src_dir, config.checkpoint, read_only=True), step,
                                   setup.abstract_state)
   assert int(state.step) == 0 and set(state.params) == {"trunk", "dynamics"}
-  _assert_trees_equal(state.params["trunk"], jax.device_get(hf_checkpoint.restore_trunk(str(run_dir)).trunk))
+  _assert_trees_equal(state.params["trunk"], jax.device_get(load_run(str(run_dir)).params["trunk"]))
   # a config whose trunk differs is refused, naming the overrides it needs
   bad = [o for o in overrides if "d_model" not in o]
   with pytest.raises(SystemExit):
-    _run_command(hf_checkpoint.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={tmp_path / 'x'}",
-                                                f"--config={REPO / 'configs/quickstart.py'}", *bad])
+    _run_command(import_hf.import_command, ["nextlat import-hf", f"--hf_dir={hf}", f"--out={tmp_path / 'x'}",
+                                         f"--config={REPO / 'configs/quickstart.py'}", *bad])
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "--config.model.d_model=32" in err
 
@@ -192,9 +194,9 @@ def test_bfloat16_round_trip_is_exact(tmp_path):
 def test_refusals_name_the_field_and_value(field, value, word):
   hf = {"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-6}
-  hf_checkpoint.model_config_from_hf(hf)  # the base is accepted
+  hf_config.model_config_from_hf(hf)  # the base is accepted
   with pytest.raises(ValueError) as e:
-    hf_checkpoint.model_config_from_hf({**hf, field: value})
+    hf_config.model_config_from_hf({**hf, field: value})
   msg = str(e.value)
   assert "\n" not in msg and word in msg
   assert f"{field if field != 'rope_parameters' else 'rope_parameters.rope_type'}=" in msg

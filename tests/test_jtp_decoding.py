@@ -63,12 +63,14 @@ def test_autoregressive_equals_a_naive_full_forward_loop(model):
   out = gen.generate_jit(params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0), cfg=cfg,
                          sampling=GREEDY, max_new=NEW, eos_id=EOS, stop_at_eos=False,
                          head=hd.jtp_head(fetch, cfg))
-  seq = tokens.copy()
-  for _ in range(NEW):
+  # One compile: the rows are padded to their final length with a non-EOS filler; attention is causal,
+  # so h at the last real token does not see the filler.
+  seq = np.concatenate([tokens, np.full((B, NEW), 2, np.int32)], axis=1)
+  for t in range(P, P + NEW):
     h = _h(apply, params, seq)
-    logits = jtp.draft_logits({"fetch": fetch}, params, h[:, -1], jnp.asarray(seq[:, -1]),
+    logits = jtp.draft_logits({"fetch": fetch}, params, h[:, t - 1], jnp.asarray(seq[:, t - 1]),
                               jnp.zeros((B, 0), jnp.int32))[:, 0]
-    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits, -1), np.int32)[:, None]], axis=1)
+    seq[:, t] = np.asarray(jnp.argmax(logits, -1), np.int32)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxM)[:, :NEW], seq[:, P:])
 
 
@@ -105,15 +107,16 @@ def test_speculative_greedy_equals_autoregressive(model, mode, gamma):
 
 
 def test_a_restored_jtp_run_decodes_through_fetch(tmp_path):
-  """`load_run` gives a JTP run its Fetch head and drafter; speculative == autoregressive (greedy), and
+  """A loaded JTP run decodes through its Fetch head and drafter; speculative == autoregressive (greedy), and
   the first token is the argmax of the objective's own next-token logits. BST runs are refused."""
   from nextlat_jax.decoding import cli
   from nextlat_jax.objectives import build
+  from nextlat_jax.run import load_run
   from tests.test_decoding import _checkpoint
   config = _checkpoint(tmp_path / "jtp", name="jtp", horizon=2)
-  run = cli.load_run(str(tmp_path / "jtp"))
-  assert run.head.name == "jtp" and run.drafter.name == "jtp" and run.drafter.max_drafts == 2
-  tok = cli.tokenizer(run.config)
+  run = load_run(str(tmp_path / "jtp"))
+  assert cli.head(run).name == "jtp" and cli.drafter(run).name == "jtp" and cli.drafter(run).max_drafts == 2
+  tok = run.tokenizer
   prompts = [[int(t) for t in tok.encode(p)] for p in ("3 17", "40 2 N E", "end 5")]
   key = jax.random.PRNGKey(0)
   ar = cli.decode(run, prompts, key, GREEDY, 10)
@@ -129,4 +132,4 @@ def test_a_restored_jtp_run_decodes_through_fetch(tmp_path):
   assert int(jnp.argmax(ref[0])) == int(ar.tokens_BxM[0, 0])
   _checkpoint(tmp_path / "bst", name="bst")
   with pytest.raises(ValueError, match="objective.name='bst': decoding is not supported"):
-    cli.load_run(str(tmp_path / "bst"))
+    cli.decode(load_run(str(tmp_path / "bst")), prompts, key, GREEDY, 1)

@@ -176,14 +176,15 @@ def test_command_on_a_sharded_checkpoint(tmp_path):
   import nextlat_jax.cli  # noqa: F401  (defines --workdir and --step)
   from configs import quickstart
   from nextlat_jax.data import pipeline
-  from nextlat_jax.interop import hf_checkpoint
+  from nextlat_jax.interop import hf_config
   from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, trainer
+  from nextlat_jax.run import load_run
+  from nextlat_jax.train import checkpoint, preflight
   from nextlat_jax.train import step as step_lib
   c = quickstart.get_config()
   c.model.update(n_layer=2, d_model=32, n_head=2, init_std=0.3)
   c.dynamics.hidden, c.data.seq_len, c.batch_size = 64, 16, 8
-  config, _ = trainer.resolve(c)
+  config, _ = preflight.resolve(c)
   setup = step_lib.build(config, make_mesh(config.mesh))
   ds = pipeline.make_dataset(config.data, split="train", global_batch_size=8, seed=0, process_index=0, process_count=1)
   mgr = checkpoint.manager(str(tmp_path / "checkpoints"), config.checkpoint)
@@ -201,8 +202,8 @@ def test_command_on_a_sharded_checkpoint(tmp_path):
   finally:
     flags.FLAGS.unparse_flags()
   results = json.loads((tmp_path / "lm_eval" / "results_step3.json").read_text())
-  run = hf_checkpoint.restore_trunk(str(tmp_path))  # unsharded reference
-  acc, acc_norm = _hand_accuracy(run.trunk, run.cfg, docs, hf_checkpoint.run_tokenizer(run.config), max_len=16)
+  run = load_run(str(tmp_path))  # unsharded reference
+  acc, acc_norm = _hand_accuracy(hf_config.llama_trunk(run), run.cfg, docs, run.tokenizer, max_len=16)
   assert results["results"]["toy_mc"]["acc,none"] == pytest.approx(acc)
   assert results["results"]["toy_mc"]["acc_norm,none"] == pytest.approx(acc_norm)
   assert results["config"]["nextlat_step"] == 3

@@ -117,11 +117,12 @@ def test_the_no_cache_baseline_is_refused(model):
 
 def test_a_restored_mtp_run_decodes(tmp_path):
   from nextlat_jax.decoding import cli
+  from nextlat_jax.run import load_run
   from tests.test_decoding import _checkpoint
   _checkpoint(tmp_path, name="mtp", horizon=2)
-  run = cli.load_run(str(tmp_path))
-  assert run.head.name == "mtp" and run.drafter.max_drafts == 2
-  tok = cli.tokenizer(run.config)
+  run = load_run(str(tmp_path))
+  assert cli.head(run).name == "mtp" and cli.drafter(run).max_drafts == 2
+  tok = run.tokenizer
   prompts = [[int(t) for t in tok.encode(p)] for p in ("3 17", "40 2 N E", "end 5")]
   ar = cli.decode(run, prompts, jax.random.PRNGKey(0), GREEDY, 10)
   sp = cli.decode(run, prompts, jax.random.PRNGKey(0), GREEDY, 10, speculative_mode="A",

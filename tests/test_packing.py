@@ -31,6 +31,24 @@ def test_segment_ids_and_positions_function():
   np.testing.assert_array_equal(pos, POSITIONS)
 
 
+def test_layout_is_one_function_for_numpy_jax_and_cached_blocks():
+  """The same layout from numpy, from jax under jit, and block by block continuing the previous
+  token's (segment id, position), as the KV cache appends blocks, at every split point."""
+  import jax
+  import jax.numpy as jnp
+  rows = np.array([ROW, ROW[::-1]])
+  want_seg, want_pos = packing.segment_ids_and_positions(rows, EOS)
+  got = jax.jit(lambda t: packing.segment_ids_and_positions(t, EOS))(jnp.asarray(rows))
+  assert all(isinstance(a, jax.Array) and a.dtype == jnp.int32 for a in got)
+  np.testing.assert_array_equal(got[0], want_seg)
+  np.testing.assert_array_equal(got[1], want_pos)
+  for cut in range(1, rows.shape[1]):
+    seg, pos = packing.segment_ids_and_positions(jnp.asarray(rows[:, cut:]), jnp.int32(EOS),
+                                                 want_seg[:, cut - 1], want_pos[:, cut - 1])
+    np.testing.assert_array_equal(seg, want_seg[:, cut:])
+    np.testing.assert_array_equal(pos, want_pos[:, cut:])
+
+
 @pytest.mark.parametrize('context_length', [None, -1])
 def test_prompt_masking_disabled(context_length):
   mask = packing.loss_mask(np.array(POSITIONS), context_length)

@@ -20,7 +20,7 @@ import pytest
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.parallel.sharding import batch_sharding, logical_rules
-from nextlat_jax.train import checkpoint, interrupts, trainer
+from nextlat_jax.train import checkpoint, interrupts, preflight, trainer
 from tests.conftest import REPO
 from tests.test_checkpoint import TINY, _config, _losses, _setup, _wait_for_step
 
@@ -208,12 +208,12 @@ class _Failing:
     monkeypatch.setattr(pipeline.BatchIterator, "__next__", failing)
 
 
-@pytest.mark.parametrize("error, raised", [(OSError("disk gone"), OSError), (StopIteration(), trainer.TrainingStopped)])
+@pytest.mark.parametrize("error, raised", [(OSError("disk gone"), OSError), (StopIteration(), interrupts.TrainingStopped)])
 def test_an_error_in_the_loop_saves_the_last_state_first(tmp_path, monkeypatch, error, raised):
   _Failing(monkeypatch, 7, error)
   with pytest.raises(raised) as info:
     trainer.train(_inproc_config(), str(tmp_path))
-  if raised is trainer.TrainingStopped:
+  if raised is interrupts.TrainingStopped:
     assert "the train data ran out after step 7" in str(info.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5", "7"]
   data_state = json.loads((tmp_path / "checkpoints" / "7" / "data" / "process_0-of-1.json").read_text())
@@ -242,8 +242,8 @@ def test_a_read_only_workdir_is_refused():
   if as_root:  # root may write anywhere: check as an unprivileged user (CI runs as root)
     os.seteuid(65534)
   try:
-    with pytest.raises(trainer.config_lib.ConfigError, match=r"workdir='.*/ro/run': .*/ro is not writable"):
-      trainer.check_workdir(str(tmp_path / "ro" / "run"))
+    with pytest.raises(preflight.config_lib.ConfigError, match=r"workdir='.*/ro/run': .*/ro is not writable"):
+      preflight.check_workdir(str(tmp_path / "ro" / "run"))
   finally:
     if as_root:
       os.seteuid(0)

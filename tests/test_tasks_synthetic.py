@@ -20,8 +20,7 @@ from nextlat_jax.eval.metrics import countdown as cd_metric
 from nextlat_jax.eval.metrics import path_star as ps_metric
 from nextlat_jax.models.transformer import unembed
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import step as step_lib
-from nextlat_jax.train import trainer
+from nextlat_jax.train import preflight, step as step_lib
 
 from tests.conftest import REPO
 
@@ -310,7 +309,7 @@ def fake(name, modules, vocab):
 def test_metrics_score_oracle_100_and_wrong_model_0():
   cfg = load_config("path_star", "tiny")
   cfg.data.update(n_test=24)
-  cfg, _ = trainer.resolve(cfg)
+  cfg, _ = preflight.resolve(cfg)
   src = pipeline.make_source(cfg.data, split="eval", seed=0)
   rows = np.stack([src[i]["tokens"] for i in range(24)])
   for shift, want in ((0, 100.0), (1, 0.0)):
@@ -322,7 +321,7 @@ def test_metrics_score_oracle_100_and_wrong_model_0():
 
   cfg = load_config("countdown", "tiny")
   cfg.data.update(n_test=12)
-  cfg, _ = trainer.resolve(cfg)
+  cfg, _ = preflight.resolve(cfg)
   src = pipeline.make_source(cfg.data, split="eval", seed=0)
   rows = np.stack([src.problem(i)[0] for i in range(12)])
   for shift, want in ((0, 100.0), (1, 0.0)):
@@ -333,7 +332,7 @@ def test_metrics_score_oracle_100_and_wrong_model_0():
     assert out["num_heldout_target"] == 6
 
   cfg = load_config("a5", "tiny")
-  cfg, _ = trainer.resolve(cfg)
+  cfg, _ = preflight.resolve(cfg)
   for shift, want in ((0, 100.0), (7, 0.0)):
     oracle = A5Oracle(shift)
     obj, params = fake("nextlat", {"trunk": oracle, "dynamics": oracle}, 61)
@@ -387,7 +386,7 @@ def test_configs_table5_and_parameter_counts():
   for cfg, want in ((ps, {"trunk": 21_324_672}),
                     (load_config("path_star"), {"trunk": 21_324_672, "dynamics": 590_592}),
                     (a, {"trunk": 6_425_088 + 2 * 61 * 512, "dynamics": 2_622_464})):
-    cfg, _ = trainer.resolve(cfg.copy_and_resolve_references())
+    cfg, _ = preflight.resolve(cfg.copy_and_resolve_references())
     shapes = jax.eval_shape(objectives.build(cfg).init, jax.random.PRNGKey(0))
     assert {k: count(v) for k, v in shapes.items()} == want
   for name, bad in (("path_star", "g5"), ("countdown", "d0"), ("a5", "bst,len")):
@@ -398,7 +397,7 @@ def test_configs_table5_and_parameter_counts():
 @pytest.mark.parametrize("name,arg", [("path_star", "nextlat,tiny"), ("countdown", "gpt,tiny"),
                                       ("a5", "nextlat,tiny")])
 def test_tiny_presets_train(name, arg):
-  cfg, info = trainer.resolve(load_config(name, arg))
+  cfg, info = preflight.resolve(load_config(name, arg))
   setup = step_lib.build(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
   state = setup.init.lower(setup.abstract_rng()).compile(FAST_COMPILE)(jax.random.PRNGKey(0))
   ds = pipeline.make_dataset(cfg.data, split="train", global_batch_size=cfg.batch_size, seed=cfg.seed,
@@ -419,13 +418,13 @@ def test_tiny_presets_train(name, arg):
 def test_metrics_on_a_sharded_model_and_the_rnn_mode():
   """A real (random) NextLat on a 2-device mesh: the metrics run (batches rounded up to the mesh), and
   the A5 RNN mode agrees with the trunk at position 1 and with p_psi by hand at position 2."""
-  cfg, _ = trainer.resolve(load_config("path_star", "tiny"))
+  cfg, _ = preflight.resolve(load_config("path_star", "tiny"))
   setup = step_lib.build(cfg, make_mesh(cfg.mesh, jax.devices()[:2]))
   params = setup.init.lower(setup.abstract_rng()).compile(FAST_COMPILE)(jax.random.PRNGKey(0)).params
   out = ps_metric.evaluate(cfg, setup.objective, params, num_examples=5, batch_size=4, temperatures=(0.0,))
   assert out["num_examples"] == 5 and 0.0 <= out["greedy/exact_path_accuracy"] <= 100.0
 
-  cfg, _ = trainer.resolve(load_config("a5", "tiny"))
+  cfg, _ = preflight.resolve(load_config("a5", "tiny"))
   obj = objectives.build(cfg)
   params = nn.unbox(jax.jit(obj.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0)))
   params["trunk"]["head"] = params["trunk"]["head"] * 30.0  # decisive logits at random init
@@ -441,7 +440,7 @@ def test_metrics_on_a_sharded_model_and_the_rnn_mode():
 
 
 def test_a5_objective_trains_on_labels():
-  cfg, _ = trainer.resolve(load_config("a5", "gpt,tiny"))
+  cfg, _ = preflight.resolve(load_config("a5", "gpt,tiny"))
   obj = objectives.build(cfg)
   params = nn.unbox(jax.jit(obj.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0)))
   src = pipeline.make_source(cfg.data, split="train", seed=0)

@@ -14,7 +14,7 @@ from absl import flags
 
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint, trainer
+from nextlat_jax.train import checkpoint, preflight, sizes
 from nextlat_jax.train import step as step_lib
 
 flags.DEFINE_integer("bench_steps", 8, "bench checkpoint: timed train steps.")
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 def run(config: ml_collections.ConfigDict, steps: int = 8, saves: int = 4, directory: str | None = None,
         snapshot_on_device: bool = True) -> dict:
-  config, info = trainer.resolve(config)
+  config, info = preflight.resolve(config)
   setup = step_lib.build(config, make_mesh(config.mesh))
   B = int(config.batch_size)
   compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, info.row_len),
@@ -61,7 +61,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 8, saves: int = 4, direc
       blocking.append(t1 - t0)
       total.append(time.perf_counter() - t0)
     saver.close()
-  n_params = trainer.param_count(state.params)
+  n_params = sizes.param_count(state.params)
   step_s = statistics.median(step_times)
   block_s = statistics.median(blocking)
   return {"params": n_params, "state_mib": round(3 * 4 * n_params / 2**20, 1), "step_s": step_s,

@@ -34,6 +34,7 @@ import numpy as np
 
 from nextlat_jax.decoding import draft_policies
 from nextlat_jax.decoding import generate as gen
+from nextlat_jax.run import Run, load_run
 
 DEFAULTS = dict(prompts=6, prompt_len=16, max_new=128, repeats=5, batch=1, gammas="2,3,4,5,6,7,8,9,10",
                 confidence="0.3,0.6,0.9", cumulative="0.1,0.3,0.6", adaptive="4:2:1,4:1:1", temperatures="0,1",
@@ -82,7 +83,7 @@ def eval_prompts(config: Any, n: int, length: int) -> list[list[int]]:
   return [[int(t) for t in source[i]["tokens"][:length]] for i in range(n)]
 
 
-def arms(run: Any, s: dict, sampling: gen.Sampling) -> list[tuple[str, Callable, dict]]:
+def arms(run: Run, s: dict, sampling: gen.Sampling) -> list[tuple[str, Callable, dict]]:
   """(label, fn(prompts, key) -> Output, info) for every arm at one sampling setting."""
   from nextlat_jax.decoding.cli import decode
   common = dict(stop_at_eos=False, gamma_max=s["gamma_max"])
@@ -103,7 +104,7 @@ def arms(run: Any, s: dict, sampling: gen.Sampling) -> list[tuple[str, Callable,
   return out
 
 
-def measure(run: Any, s: dict, sampling: gen.Sampling, prompts: list[list[int]]) -> list[dict]:
+def measure(run: Run, s: dict, sampling: gen.Sampling, prompts: list[list[int]]) -> list[dict]:
   table = arms(run, s, sampling)
   batches = [prompts[i:i + s["batch"]] for i in range(0, len(prompts), s["batch"])]
   key = jax.random.PRNGKey(s["seed"])
@@ -183,7 +184,7 @@ def report(rows: list[dict], sampling: gen.Sampling, s: dict) -> tuple[str, dict
 def command(argv: list[str]) -> None:
   from absl import app, flags
 
-  from nextlat_jax.decoding.cli import load_run
+  from nextlat_jax.decoding.cli import drafter
   try:
     s = parse_settings(argv[1:])
   except ValueError as e:
@@ -192,7 +193,7 @@ def command(argv: list[str]) -> None:
   if workdir is None:
     raise app.UsageError("bench decode needs --workdir")
   run = load_run(workdir, flags.FLAGS.step)
-  if run.drafter is None:
+  if drafter(run) is None:
     raise app.UsageError(f"bench decode: {workdir} is a {run.config.objective.name} run; it needs a NextLat run")
   prompts = eval_prompts(run.config, s["prompts"], s["prompt_len"])
   print(f"machine: {machine()}\nrun: {workdir} step {run.step}; settings: {json.dumps(s)}\n")

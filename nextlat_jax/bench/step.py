@@ -37,6 +37,7 @@ from nextlat_jax import flops as flops_lib
 from nextlat_jax.data import packing
 from nextlat_jax.models.transformer import REMAT_POLICIES, ffn_width
 from nextlat_jax.parallel.mesh import make_mesh, mesh_shape
+from nextlat_jax.train import sizes
 from nextlat_jax.train import step as step_lib
 from nextlat_jax.train.mfu import peak_flops_per_device
 
@@ -102,7 +103,7 @@ def _resolve(config: ml_collections.ConfigDict, num_devices: int) -> tuple[ml_co
       config.data = ml_collections.ConfigDict(dict(data.to_dict(), name="random", eos_id=eos))
     return config, rows, L
   from nextlat_jax.data import pipeline
-  from nextlat_jax.train.trainer import resolve
+  from nextlat_jax.train.preflight import resolve
   config, info = resolve(config, num_devices)
   ds = pipeline.make_dataset(config.data, split="train", global_batch_size=B, seed=int(config.seed),
                              process_index=0, process_count=1)
@@ -157,7 +158,7 @@ def matmul_reference(config: ml_collections.ConfigDict, tokens: int):
   (tokens x D @ D x 3D, D x D, D x 2F, tokens x F @ F x D, tokens x D @ D x V); returns (fn, args, flops)."""
   m = config.model
   D, V = int(m.d_model), int(m.vocab_size)
-  F = int(m.get("ffn_width", 0) or 0) or ffn_width(D)
+  F = ffn_width(D, m.ffn_width)
   keys = jax.random.split(jax.random.PRNGKey(1), 7)
   x = jax.random.normal(keys[0], (tokens, D), jnp.float32)
   f = jax.random.normal(keys[1], (tokens, F), jnp.float32)
@@ -184,11 +185,8 @@ def machine_info() -> dict:
 
 def compiled_memory_bytes(compiled: Any) -> float | None:
   """Per-device bytes of a compiled step (arguments + outputs + temporaries - aliased), if XLA says."""
-  st = compiled.memory_analysis()
-  if st is None:
-    return None
-  return float(st.argument_size_in_bytes + st.output_size_in_bytes + st.temp_size_in_bytes
-               - st.alias_size_in_bytes)
+  mem = sizes.step_memory(compiled, unit=1)
+  return None if mem is None else mem["total"]
 
 
 def device_memory_limit(settings: dict) -> float | None:
@@ -325,9 +323,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
   return dict(
       machine=machine_info(), mesh=dict(mesh.shape), batch_rows=B, row_len=L,
       model=dict(n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head, vocab_size=m.vocab_size,
-                 ffn_width=int(m.ffn_width or ffn_width(int(m.d_model))), dynamics_hidden=config.dynamics.hidden,
+                 ffn_width=ffn_width(int(m.d_model), m.ffn_width), dynamics_hidden=config.dynamics.hidden,
                  dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                 remat_rollout=bool(config.objective.get("remat_rollout", False))),
+                 remat_rollout=bool(config.objective.remat_rollout)),
       peak_flops_per_device=peak, fit=fit,
       bench=dict(s), matmul=dict(flops=mm_flops, ms=float(np.median(mm_times)) * 1e3,
                                  ms_all=[x * 1e3 for x in mm_times], flops_per_s=mm_rate),

@@ -20,22 +20,36 @@ model reads tokens[:, :-1] and predicts tokens[:, 1:]; loss_mask[:, 1:] weights 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 FIELDS = ('tokens', 'segment_ids', 'positions', 'loss_mask')
 PAD_SEGMENT_ID = -1
 
 
-def segment_ids_and_positions(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (segment_ids, positions), int32, same shape as `tokens` (1-D row or (B, L))."""
-  tokens = np.asarray(tokens)
+def segment_ids_and_positions(tokens, eos_id, prev_segment=None, prev_position=None):
+  """(segment_ids, positions), int32, same shape as `tokens` (a 1-D row or (B, L); numpy in, numpy out,
+  jax in (also under jit), jax out).
+
+  The one implementation of the contract's layout. With `prev_segment` / `prev_position` (shape
+  tokens.shape[:-1]: the document id and position of the token just before this block, as a KV cache
+  holds them) the block continues that document; without, a row starts after a virtual EOS at -1.
+  """
+  xp = jnp if isinstance(tokens, jax.Array) else np
+  tokens = xp.asarray(tokens)
   length = tokens.shape[-1]
   is_eos = tokens == eos_id
-  segment_ids = np.cumsum(is_eos, axis=-1, dtype=np.int32)
-  t_L = np.arange(length, dtype=np.int32)
-  last_eos = np.maximum.accumulate(np.where(is_eos, t_L, -1), axis=-1)  # virtual EOS at -1
-  positions = (t_L - last_eos).astype(np.int32)
-  return segment_ids, positions
+  segment_ids = xp.cumsum(is_eos, axis=-1, dtype=xp.int32)
+  t_L = xp.arange(length, dtype=xp.int32)
+  eos_at = xp.where(is_eos, t_L, -1)
+  last_eos = (jax.lax.cummax(eos_at, axis=tokens.ndim - 1) if xp is jnp
+              else np.maximum.accumulate(eos_at, axis=-1))
+  if prev_segment is None:
+    return segment_ids, (t_L - last_eos).astype(xp.int32)  # the virtual EOS at -1 gives t + 1
+  segment_ids = xp.asarray(prev_segment, xp.int32)[..., None] + segment_ids
+  positions = xp.where(last_eos >= 0, t_L - last_eos, xp.asarray(prev_position, xp.int32)[..., None] + t_L + 1)
+  return segment_ids, positions.astype(xp.int32)
 
 
 def loss_mask(

@@ -15,7 +15,6 @@ for the same process layout only (see nextlat_jax.data.sources.stream).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
@@ -24,20 +23,11 @@ import weakref
 import grain
 import ml_collections
 
-SPLITS = ('train', 'eval')
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo, need
+
+__all__ = ['SPLITS', 'DatasetInfo', 'need']  # re-exported: sources may import them from here too
 REPOSITION = ('error', 'restart')
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static facts about a dataset that the model and trainer need."""
-
-  vocab_size: int
-  eos_id: int
-  pad_id: int
-  row_len: int
-  extra_fields: tuple[str, ...] = ()  # row fields beyond the batch contract, e.g. ('labels',) for A5
 
 
 # data.name -> module providing `info(data_cfg) -> DatasetInfo` and
@@ -55,12 +45,6 @@ SOURCES = {
     'a5': 'nextlat_jax.data.tasks.a5',
     'hmm': 'nextlat_jax.data.tasks.hmm',
 }
-
-
-def need(ok: bool, key: str, value, why: str) -> None:
-  """Raises ValueError('key=value: why') unless ok."""
-  if not ok:
-    raise ValueError(f'{key}={value!r}: {why}')
 
 
 def _module(data_cfg: ml_collections.ConfigDict):

@@ -1,4 +1,5 @@
-"""`nextlat prepare`: tokenize + pack a corpus into ArrayRecord shards of fixed-length rows.
+"""Tokenize + pack a corpus into ArrayRecord shards of fixed-length rows (`nextlat prepare`, whose flags
+are in nextlat_jax.data.prepare_cli).
 
   nextlat prepare --input=/data/fineweb-edu/sample/100BT --output=/data/fwedu_gpt2_1024 \
       [--seq_len=1024 --tokenizer=gpt2 --tokenizer_path=DIR --workers=16]
@@ -35,26 +36,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Iterator
 
 import numpy as np
-from absl import flags
 
 from nextlat_jax.data import tokenizers
 from nextlat_jax.data.sources import documents, stream
 from nextlat_jax.data.sources.pretokenized import FORMAT, MANIFEST
-
-flags.DEFINE_string("input", None, "prepare: corpus files / folder / glob / URL (comma-separated), or tfds:NAME.")
-flags.DEFINE_string("output", None, "prepare: output directory (created; a rerun resumes).")
-flags.DEFINE_integer("seq_len", 1024, "prepare: rows hold seq_len + 1 tokens.")
-flags.DEFINE_string("tokenizer", "gpt2", "prepare: gpt2 | bpe.")
-flags.DEFINE_string("tokenizer_path", "", "prepare: gpt2: folder with encoder.json + vocab.bpe; bpe: tokenizer.json.")
-flags.DEFINE_integer("train_bpe", 0, "prepare (--tokenizer=bpe): first train a byte-level BPE of this many "
-                     "tokens on the input and save it to --tokenizer_path (default OUTPUT/tokenizer.json).")
-flags.DEFINE_integer("bpe_train_docs", 200_000, "prepare --train_bpe: documents to train the BPE on.")
-flags.DEFINE_string("column", "text", "prepare: parquet column / jsonl key / TFDS feature of the text.")
-flags.DEFINE_string("text_split", "line", "prepare: documents of .txt files: line | paragraph | file.")
-flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 1)), "prepare: worker processes.")
-flags.DEFINE_string("tfds_split", "train", "prepare: the TFDS split (with --input=tfds:NAME).")
-flags.DEFINE_string("tfds_data_dir", "", "prepare: the TFDS data_dir (with --input=tfds:NAME).")
-flags.DEFINE_integer("docs_per_shard", 100_000, "prepare: TFDS records per output shard.")
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to single rows
 CHUNK_DOCS = 1024  # documents tokenized per batch inside a worker
@@ -256,20 +241,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, initial=initial, unit="shard", desc="prepare", disable=not enabled,
               file=sys.stderr, dynamic_ncols=True)
-
-
-def main(argv: list[str]) -> None:
-  del argv
-  f = flags.FLAGS
-  if not f.input or not f.output:
-    raise SystemExit("prepare needs --input and --output")
-  try:
-    m = prepare(f.input, f.output, seq_len=f.seq_len, tokenizer=f.tokenizer, tokenizer_path=f.tokenizer_path,
-                column=f.column, text_split=f.text_split, workers=f.workers, tfds_split=f.tfds_split,
-                tfds_data_dir=f.tfds_data_dir, docs_per_shard=f.docs_per_shard, train_bpe=f.train_bpe,
-                bpe_train_docs=f.bpe_train_docs)
-  except ValueError as e:
-    print(f"prepare: {e}", file=sys.stderr)
-    sys.exit(2)
-  summary = {k: v for k, v in m.items() if k != "shards"}
-  print(json.dumps(dict(summary, shards=len(m["shards"])), indent=1))

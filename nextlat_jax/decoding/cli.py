@@ -8,7 +8,6 @@ line of acceptance statistics.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -18,9 +17,9 @@ import numpy as np
 from absl import app, flags
 
 from nextlat_jax.config import ConfigError
-from nextlat_jax.decoding import draft_policies, speculative
+from nextlat_jax.decoding import draft_policies, head_drafters, speculative
 from nextlat_jax.decoding import generate as gen
-from nextlat_jax.models.transformer import ModelConfig
+from nextlat_jax.run import Run, load_run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A text prompt in the run's tokenizer (repeat the flag for a batch).")
@@ -47,59 +46,40 @@ flags.DEFINE_enum("mode", "A", list(speculative.MODES), "A: draft 1 from the tru
 UNDECODABLE = {"bst": "BST predicts through its text head on (prefix, suffix) pairs"}
 
 
-@dataclasses.dataclass
-class Run:
-  """A restored checkpoint, ready to decode."""
-  config: Any
-  params: Any
-  step: int
-  cfg: ModelConfig
-  eos_id: int
-  pad_id: int
-  drafter: speculative.Drafter | None  # None for objectives without a drafter
-  head: gen.Head | None = None  # the output path; None: the trunk's head (GPT, NextLat, DeepSeek MTP)
-
-
-def load_run(workdir: str, step: int | None = None) -> Run:
-  """The run's config and parameters (params only) on this machine's devices."""
-  from nextlat_jax.decoding import head_drafters
-  from nextlat_jax.objectives import jtp, nextlat
-  from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, evaluate, trainer
-  from nextlat_jax.train import step as step_lib
-  config, info = trainer.resolve(evaluate.run_config(workdir, step))
-  name = config.objective.name
+def head(run: Run) -> gen.Head | None:
+  """The run's output path for decoding; None: the trunk's head (GPT, NextLat, DeepSeek MTP)."""
+  name = run.config.objective.name
   if name in UNDECODABLE:
     raise ValueError(f"objective.name={name!r}: decoding is not supported ({UNDECODABLE[name]})")
-  setup = step_lib.build(config, make_mesh(config.mesh))
-  params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), setup.abstract_state.params, step)
-  cfg = ModelConfig.from_config(config.model)
-  drafter, head = None, None
+  if name == "jtp":
+    return head_drafters.jtp_head(run.modules["fetch"], run.cfg)
+  if name == "mtp":
+    return head_drafters.mtp_head(run.cfg, int(run.config.objective.horizon) + 1)
+  return None
+
+
+def drafter(run: Run) -> speculative.Drafter | None:
+  """The run's self-speculative drafter (p_psi, JTP's Fetch slots, MTP's heads); None for other objectives."""
+  name = run.config.objective.name
   if name == "nextlat":
-    drafter = speculative.nextlat_drafter(nextlat.dynamics_module(config), cfg)
-  elif name == "jtp":
-    fetch = jtp.fetch_module(config)
-    drafter, head = head_drafters.jtp_drafter(fetch, cfg), head_drafters.jtp_head(fetch, cfg)
-  elif name == "mtp":
-    n_heads = int(config.objective.horizon) + 1
-    drafter, head = head_drafters.mtp_drafter(cfg, n_heads), head_drafters.mtp_head(cfg, n_heads)
-  return Run(config, params, step, cfg, int(info.eos_id), int(info.pad_id), drafter, head)
+    return speculative.nextlat_drafter(run.modules["dynamics"], run.cfg)
+  if name == "jtp":
+    return head_drafters.jtp_drafter(run.modules["fetch"], run.cfg)
+  if name == "mtp":
+    return head_drafters.mtp_drafter(run.cfg, int(run.config.objective.horizon) + 1)
+  return None
 
 
-def tokenizer(config: Any):
-  """The run's tokenizer (needs encode(str) -> ids and decode(ids) -> words), or a clear ValueError."""
-  from nextlat_jax.data import pipeline
-  try:
-    tok = getattr(pipeline.make_source(config.data, split="eval", seed=0), "tokenizer", None)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    raise ValueError(f"data.name={config.data.name!r}: cannot open its tokenizer ({e}); use --prompt_ids") from None
-  if tok is None or not hasattr(tok, "encode") or not hasattr(tok, "decode"):
-    raise ValueError(f"data.name={config.data.name!r}: no text tokenizer for this dataset; use --prompt_ids")
-  return tok
+def text_tokenizer(run: Run) -> Any:
+  """The run's tokenizer (encode(str) -> ids, decode(ids) -> words), or a clear ValueError."""
+  if run.tokenizer is None:
+    raise ValueError(f"data.name={run.config.data.name!r}: no text tokenizer for this dataset; use --prompt_ids")
+  return run.tokenizer
 
 
-def read_prompts(config: Any, vocab: int) -> tuple[list[list[int]], Any]:
+def read_prompts(run: Run) -> tuple[list[list[int]], Any]:
   """Prompts from the flags as token-id lists, and the tokenizer (None for --prompt_ids)."""
+  vocab = run.cfg.vocab_size
   if FLAGS.prompt_ids is not None:
     if FLAGS.prompt or FLAGS.prompts_file:
       raise ValueError("--prompt_ids: give either token ids or text prompts (--prompt / --prompts_file), not both")
@@ -119,7 +99,7 @@ def read_prompts(config: Any, vocab: int) -> tuple[list[list[int]], Any]:
       texts += [line.strip() for line in f if line.strip()]
   if not texts:
     raise ValueError("no prompt: give --prompt, --prompts_file or --prompt_ids")
-  tok = tokenizer(config)
+  tok = text_tokenizer(run)
   ids = []
   for text in texts:
     try:
@@ -143,19 +123,21 @@ def decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sam
            speculative_mode: str | None = None, policy: draft_policies.DraftPolicy | None = None,
            gamma_max: int = 10, stop_at_eos: bool = True, use_cache: bool = True) -> gen.Output:
   """Generates for a batch of token-id prompts (speculative when speculative_mode is "A" or "B")."""
+  out_head = head(run)
   prompt_BxP, len_B = gen.pad_prompts(prompts, run.pad_id)
   common = dict(cfg=run.cfg, sampling=sampling, max_new=max_new, eos_id=run.eos_id, pad_id=run.pad_id,
                 stop_at_eos=stop_at_eos, use_cache=use_cache)
   if speculative_mode is None:
-    return gen.generate_jit(run.params, prompt_BxP, len_B, key, head=run.head, **common)
-  if run.drafter is None:
+    return gen.generate_jit(run.params, prompt_BxP, len_B, key, head=out_head, **common)
+  run_drafter = drafter(run)
+  if run_drafter is None:
     raise ValueError(f"objective.name={run.config.objective.name!r}: no drafter for speculative decoding "
                      "(NextLat, MTP and JTP runs only)")
   policy = policy or draft_policies.DraftPolicy()
   if policy.longest > gamma_max:
     raise ValueError(f"gamma={policy.longest}: exceeds gamma_max={gamma_max}")
-  return speculative.generate_jit(run.params, prompt_BxP, len_B, key, policy.arrays(), drafter=run.drafter,
-                                  gamma_max=gamma_max, mode=speculative_mode, head=run.head, **common)
+  return speculative.generate_jit(run.params, prompt_BxP, len_B, key, policy.arrays(), drafter=run_drafter,
+                                  gamma_max=gamma_max, mode=speculative_mode, head=out_head, **common)
 
 
 def generate(argv: list[str]) -> None:
@@ -168,7 +150,8 @@ def generate(argv: list[str]) -> None:
     if FLAGS.max_new_tokens < 1:
       raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1")
     run = load_run(FLAGS.workdir, FLAGS.step)
-    prompts, tok = read_prompts(run.config, run.cfg.vocab_size)
+    head(run)  # refuses undecodable objectives before reading prompts
+    prompts, tok = read_prompts(run)
     out = decode(run, prompts, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.max_new_tokens,
                  speculative_mode=FLAGS.mode if FLAGS.speculative else None, policy=policy,
                  gamma_max=FLAGS.gamma_max, stop_at_eos=FLAGS.stop_at_eos, use_cache=FLAGS.kv_cache)

@@ -16,6 +16,7 @@ j + 1 at the last verified position (`mtp_drafter`), so drafting costs no model 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from nextlat_jax.decoding import kv_cache
 from nextlat_jax.decoding.generate import Head
 from nextlat_jax.decoding.speculative import Drafter
-from nextlat_jax.models.transformer import DTYPES, ModelConfig, unembed
+from nextlat_jax.models.transformer import DTYPES, Block, ModelConfig, RMSNorm, Stack, embed, unembed
 from nextlat_jax.objectives.jtp import Fetch
 
 Array = jax.Array
@@ -34,7 +35,7 @@ Params = Any
 
 def _fetch_logits(fetch: Fetch, cfg: ModelConfig, params: Params, h_NxD: Array, toks_NxS: Array) -> Array:
   """Logits (N, S, V) of every Fetch slot for states h_NxD and slot input tokens toks_NxS."""
-  e_Nx1xSxD = jnp.take(params["trunk"]["embed"], toks_NxS, axis=0)[:, None]
+  e_Nx1xSxD = embed(cfg, params["trunk"], toks_NxS)[:, None]
   o_Nx1xSxD = fetch.apply({"params": params["fetch"]}, h_NxD[:, None], e_Nx1xSxD)
   return unembed(o_Nx1xSxD[:, 0], params["trunk"]["head"], DTYPES[cfg.dtype])
 
@@ -77,30 +78,32 @@ def mtp_head(cfg: ModelConfig, n_heads: int) -> Head:
   parallel one-block heads with their own norms, sharing the output head. Its cached call runs the trunk
   blocks and every head block on the new tokens (cache layers: trunk, then head 0..d) and returns h as the
   heads' states side by side, (B, T, n_heads * D); the next-token logits read head 0."""
-  D = cfg.d_model
+  D, L = cfg.d_model, cfg.n_layer - 1
+  stack = Stack(dataclasses.replace(cfg, n_layer=L), final_norm=False)
+  block, norm = Block(cfg), RMSNorm(cfg.norm_eps, DTYPES[cfg.param_dtype], out_dtype=jnp.float32)
 
   def extend(params: Params, cfg_: ModelConfig, cache: kv_cache.Cache, tokens_BxT: Array, eos_id: Any,
              n_valid_B: Array | None = None) -> tuple[Array, kv_cache.Cache]:
-    B, T = tokens_BxT.shape
-    start_B = cache.length_B
-    cache, positions_BxT, mask_Bx1xTxS = kv_cache.append_block(cache, tokens_BxT, eos_id)
-    x_BxTxD = jnp.take(params["trunk"]["embed"], tokens_BxT, axis=0).astype(DTYPES[cfg.dtype])
-    z_BxTxD, k_all, v_all = kv_cache.run_blocks(params["trunk"]["stack"], cfg, cfg.n_layer - 1, x_BxTxD,
-                                                cache.k_LxBxSxNxH, cache.v_LxBxSxNxH, start_B, positions_BxT,
-                                                mask_Bx1xTxS)
-    hs = []
-    for i in range(n_heads):
+    cache, positions_BxT, kv = kv_cache.append_block(cache, tokens_BxT, eos_id)
+    e_BxTxD = embed(cfg, params["trunk"], tokens_BxT)
+    z_BxTxD, trunk_kv = stack.apply({"params": params["trunk"]["stack"]}, e_BxTxD, None, positions_BxT,
+                                    kv.layers(0, L))
+    hs, rows = [], []
+    for i in range(n_heads):  # MTPHead: its block, then its own norm
       hp = params["heads"][f"head_{i}"]
-      x_BxTxD, k_all, v_all = kv_cache.cached_block(hp["block"], cfg, z_BxTxD, k_all, v_all, cfg.n_layer - 1 + i,
-                                                    start_B, positions_BxT, mask_Bx1xTxS)
-      hs.append(kv_cache.rms(x_BxTxD, hp["norm"]["scale"], cfg.norm_eps, jnp.float32))
-    return jnp.concatenate(hs, axis=-1), cache.replace(
-        k_LxBxSxNxH=k_all, v_LxBxSxNxH=v_all, length_B=start_B + kv_cache.advanced(n_valid_B, B, T))
+      x_BxTxD, kv_rows = block.apply({"params": hp["block"]}, z_BxTxD, kv.mask_Bx1xTxS, positions_BxT,
+                                     (kv.k_LxBxSxNxH[L + i], kv.v_LxBxSxNxH[L + i]), kv.start_B)
+      hs.append(norm.apply({"params": hp["norm"]}, x_BxTxD))
+      rows.append(kv_rows)
+    heads_kv = kv.layers(L, L + n_heads).written(*(jnp.stack(r) for r in zip(*rows)))
+    kv = kv.replace(k_LxBxSxNxH=jnp.concatenate([trunk_kv.k_LxBxSxNxH, heads_kv.k_LxBxSxNxH]),
+                    v_LxBxSxNxH=jnp.concatenate([trunk_kv.v_LxBxSxNxH, heads_kv.v_LxBxSxNxH]))
+    return jnp.concatenate(hs, axis=-1), kv_cache.commit(cache, kv, n_valid_B, tokens_BxT.shape[1])
 
   def logits(params: Params, h_xH: Array, x_x: Array) -> Array:
     return kv_cache.logits_at(params["trunk"], cfg, h_xH[..., :D])
 
-  return Head("mtp", logits, extend, cache_layers=cfg.n_layer - 1 + n_heads)
+  return Head("mtp", logits, extend, cache_layers=L + n_heads)
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,8 +1,6 @@
-"""A KV cache and the trunk's cached forward, as pure functions over the Transformer's own params.
-
-Same parameter tree and math as `nextlat_jax.models.transformer.Transformer` (blocks stacked under
-`blocks/...` when scan_layers, else `block_{i}/...`; RMSNorm, RoPE, SwiGLU, untied head), but the
-trunk runs on a block of T new tokens per call, attending to every cached slot of the same document.
+"""A KV cache for decoding: allocation, slot bookkeeping and rollback; the math is the model's own
+`Transformer` in cache mode (`nextlat_jax.models.transformer.KVCache`): each call runs the trunk on a
+block of T new tokens, attending to every cached slot of the same document.
 
 Layout: rows are left-aligned. Row b holds its tokens in slots 0..length_B[b]-1; a call writes its block
 at slots length..length+T-1 and then advances the length. Document ids and RoPE positions continue
@@ -10,7 +8,7 @@ from the last cached slot exactly as in the batch contract (nextlat_jax.data.pac
 new document with position 0, the first token of a row has position 1. Rolling back is resetting
 `length_B`: slots at or past the length are never read (the mask is causal in slot index) and are
 overwritten by the next write. The buffer must hold length + T slots at every call (the caller sizes
-it; `dynamic_update_slice` would clamp otherwise).
+it; writes past the end would be clamped or dropped).
 """
 from __future__ import annotations
 
@@ -20,7 +18,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.models.transformer import DTYPES, ModelConfig, rope, unembed
+from nextlat_jax.data.packing import segment_ids_and_positions
+from nextlat_jax.models.transformer import DTYPES, KVCache, ModelConfig, Transformer, unembed
 
 Array = jax.Array
 Params = Any
@@ -38,11 +37,11 @@ class Cache:
 
 def init_cache(cfg: ModelConfig, batch: int, size: int, keep_kv: bool = True) -> Cache:
   """An empty cache of `size` slots per row."""
-  kv = None
-  if keep_kv:
-    kv = jnp.zeros((cfg.n_layer, batch, size, cfg.n_head, cfg.head_dim), DTYPES[cfg.dtype])
-  zeros = jnp.zeros((batch, size), jnp.int32)
-  return Cache(kv, kv, zeros, zeros, zeros, jnp.zeros((batch,), jnp.int32))
+  kv_shape = (cfg.n_layer, batch, size, cfg.n_head, cfg.head_dim)
+  kv = (lambda: jnp.zeros(kv_shape, DTYPES[cfg.dtype])) if keep_kv else (lambda: None)
+  slots = lambda: jnp.zeros((batch, size), jnp.int32)
+  # Separate buffers (not one zeros array five times), so a fresh cache can be donated to a jitted call.
+  return Cache(kv(), kv(), slots(), slots(), slots(), jnp.zeros((batch,), jnp.int32))
 
 
 def rollback(cache: Cache, length_B: Array) -> Cache:
@@ -58,14 +57,8 @@ def _last(x_BxS: Array, length_B: Array) -> Array:
 
 def block_layout(cache: Cache, tokens_BxT: Array, eos_id: int | Array) -> tuple[Array, Array]:
   """(segment_ids, positions) of a block appended to the cache, continuing the batch contract."""
-  T = tokens_BxT.shape[1]
-  prev_seg_B, prev_pos_B = _last(cache.segment_BxS, cache.length_B), _last(cache.position_BxS, cache.length_B)
-  is_eos_BxT = tokens_BxT == eos_id
-  segment_BxT = prev_seg_B[:, None] + jnp.cumsum(is_eos_BxT, axis=1, dtype=jnp.int32)
-  t_T = jnp.arange(T, dtype=jnp.int32)
-  last_eos_BxT = jax.lax.cummax(jnp.where(is_eos_BxT, t_T, -1), axis=1)
-  positions_BxT = jnp.where(last_eos_BxT >= 0, t_T - last_eos_BxT, prev_pos_B[:, None] + t_T + 1)
-  return segment_BxT, positions_BxT.astype(jnp.int32)
+  return segment_ids_and_positions(tokens_BxT, eos_id, _last(cache.segment_BxS, cache.length_B),
+                                   _last(cache.position_BxS, cache.length_B))
 
 
 def write_rows(buf_BxSx: Array, new_BxTx: Array, start_B: Array) -> Array:
@@ -74,43 +67,10 @@ def write_rows(buf_BxSx: Array, new_BxTx: Array, start_B: Array) -> Array:
       buf_BxSx, new_BxTx.astype(buf_BxSx.dtype), start_B)
 
 
-def rms(x: Array, scale: Array, eps: float, out_dtype: Any = None) -> Array:
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(out_dtype or x.dtype)
-
-
-def _write_layer(buf_LxBxSxNxH: Array, new_BxTxNxH: Array, layer: Array | int, start_B: Array) -> Array:
-  """buf[layer, b, start_B[b]:start_B[b]+T] = new[b]: a scatter of the new rows only."""
-  B, T = new_BxTxNxH.shape[:2]
-  b_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  s_BxT = start_B[:, None] + jnp.arange(T)[None]
-  return buf_LxBxSxNxH.at[layer, b_BxT, s_BxT].set(new_BxTxNxH.astype(buf_LxBxSxNxH.dtype),
-                                                   indices_are_sorted=True, unique_indices=True)
-
-
-def cached_block(lp: Params, cfg: ModelConfig, x_BxTxD: Array, k_all: Array, v_all: Array, layer: Array | int,
-           start_B: Array, positions_BxT: Array, mask_Bx1xTxS: Array):
-  """One pre-norm block on the new tokens; returns (x, k cache, v cache) with the block's K/V written."""
-  dtype = DTYPES[cfg.dtype]
-  y = rms(x_BxTxD, lp["attn_norm"]["scale"], cfg.norm_eps)
-  qkv_3xBxTxNxH = jnp.einsum("btd,dcnh->cbtnh", y.astype(dtype), lp["qkv"]["kernel"].astype(dtype))
-  q, k, v = qkv_3xBxTxNxH[0], qkv_3xBxTxNxH[1], qkv_3xBxTxNxH[2]
-  q, k = rope(q, positions_BxT, cfg.rope_base), rope(k, positions_BxT, cfg.rope_base)
-  k_all, v_all = _write_layer(k_all, k, layer, start_B), _write_layer(v_all, v, layer, start_B)
-  o_BxTxNxH = jax.nn.dot_product_attention(q, k_all[layer].astype(dtype), v_all[layer].astype(dtype),
-                                           mask=mask_Bx1xTxS)
-  x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH, lp["out"]["kernel"].astype(dtype))
-  y = rms(x_BxTxD, lp["mlp_norm"]["scale"], cfg.norm_eps)
-  gate_up_BxTx2xF = jnp.einsum("btd,dcf->btcf", y.astype(dtype), lp["mlp_in"]["kernel"].astype(dtype))
-  f_BxTxF = jax.nn.silu(gate_up_BxTx2xF[:, :, 0]) * gate_up_BxTx2xF[:, :, 1]
-  x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", f_BxTxF, lp["mlp_out"]["kernel"].astype(dtype))
-  return x_BxTxD, k_all, v_all
-
-
-def append_block(cache: Cache, tokens_BxT: Array, eos_id: int | Array) -> tuple[Cache, Array, Array]:
+def append_block(cache: Cache, tokens_BxT: Array, eos_id: int | Array) -> tuple[Cache, Array, KVCache]:
   """Writes a block's tokens / segment ids / positions after each row's cached slots (the length is
-  not advanced yet); returns (cache, positions_BxT, attention mask Bx1xTxS over all slots)."""
+  not advanced yet); returns (cache, positions_BxT, the model's KVCache: every layer's K/V, the block's
+  start slots and its attention mask Bx1xTxS over all slots)."""
   T, S = tokens_BxT.shape[1], cache.tokens_BxS.shape[1]
   start_B = cache.length_B
   segment_BxT, positions_BxT = block_layout(cache, tokens_BxT, eos_id)
@@ -121,25 +81,14 @@ def append_block(cache: Cache, tokens_BxT: Array, eos_id: int | Array) -> tuple[
   t_abs_BxT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)
   visible_BxTxS = ((jnp.arange(S, dtype=jnp.int32)[None, None, :] <= t_abs_BxT[:, :, None])
                    & (segment_BxS[:, None, :] == segment_BxT[:, :, None]))
-  return cache, positions_BxT, visible_BxTxS[:, None]
+  return cache, positions_BxT, KVCache(cache.k_LxBxSxNxH, cache.v_LxBxSxNxH, start_B, visible_BxTxS[:, None])
 
 
-def run_blocks(stack_params: Params, cfg: ModelConfig, n_layer: int, x_BxTxD: Array, k_all: Array, v_all: Array,
-               start_B: Array, positions_BxT: Array, mask_Bx1xTxS: Array, first_layer: int = 0):
-  """n_layer blocks (`blocks` stacked, or `block_{i}`) on the new tokens, writing cache layers
-  first_layer .. first_layer + n_layer - 1; returns (x, k cache, v cache)."""
-  if "blocks" in stack_params:
-    def body(carry, lp_i):
-      x, k_all, v_all = carry
-      lp, i = lp_i
-      return cached_block(lp, cfg, x, k_all, v_all, i, start_B, positions_BxT, mask_Bx1xTxS), None
-    (x_BxTxD, k_all, v_all), _ = jax.lax.scan(
-        body, (x_BxTxD, k_all, v_all), (stack_params["blocks"], first_layer + jnp.arange(n_layer)))
-    return x_BxTxD, k_all, v_all
-  for i in range(n_layer):
-    x_BxTxD, k_all, v_all = cached_block(stack_params[f"block_{i}"], cfg, x_BxTxD, k_all, v_all, first_layer + i,
-                                   start_B, positions_BxT, mask_Bx1xTxS)
-  return x_BxTxD, k_all, v_all
+def commit(cache: Cache, kv: KVCache, n_valid_B: Array | None, block: int) -> Cache:
+  """The cache after a model call on a block: its K/V, and the length advanced by the block (or by
+  n_valid_B, e.g. the real lengths of right-padded prompts)."""
+  return cache.replace(k_LxBxSxNxH=kv.k_LxBxSxNxH, v_LxBxSxNxH=kv.v_LxBxSxNxH,
+                       length_B=kv.start_B + advanced(n_valid_B, kv.start_B.shape[0], block))
 
 
 def extend(trunk_params: Params, cfg: ModelConfig, cache: Cache, tokens_BxT: Array, eos_id: int | Array,
@@ -149,14 +98,9 @@ def extend(trunk_params: Params, cfg: ModelConfig, cache: Cache, tokens_BxT: Arr
   The length advances by T, or by n_valid_B (e.g. the real lengths of right-padded prompts); the
   slots beyond it hold scratch and are overwritten later.
   """
-  B, T = tokens_BxT.shape
-  start_B = cache.length_B
-  cache, positions_BxT, mask_Bx1xTxS = append_block(cache, tokens_BxT, eos_id)
-  x_BxTxD = jnp.take(trunk_params["embed"], tokens_BxT, axis=0).astype(DTYPES[cfg.dtype])
-  x_BxTxD, k_all, v_all = run_blocks(trunk_params, cfg, cfg.n_layer, x_BxTxD, cache.k_LxBxSxNxH, cache.v_LxBxSxNxH,
-                                     start_B, positions_BxT, mask_Bx1xTxS)
-  h_BxTxD = rms(x_BxTxD, trunk_params["final_norm"]["scale"], cfg.norm_eps, jnp.float32)
-  return h_BxTxD, cache.replace(k_LxBxSxNxH=k_all, v_LxBxSxNxH=v_all, length_B=start_B + advanced(n_valid_B, B, T))
+  cache, positions_BxT, kv = append_block(cache, tokens_BxT, eos_id)
+  h_BxTxD, _, kv = Transformer(cfg).apply({"params": trunk_params}, tokens_BxT, None, positions_BxT, kv)
+  return h_BxTxD, commit(cache, kv, n_valid_B, tokens_BxT.shape[1])
 
 
 def advanced(n_valid_B: Array | None, batch: int, block: int) -> Array:
@@ -179,8 +123,9 @@ def extend_nocache(trunk_params: Params, cfg: ModelConfig, cache: Cache, tokens_
 
   def run(size: int):
     def fn(tokens_BxS):
-      fresh = init_cache(cfg, B, size)
-      h_BxLxD, _ = extend(trunk_params, cfg, fresh, tokens_BxS[:, :size], eos_id)
+      segment_BxL, positions_BxL = segment_ids_and_positions(tokens_BxS[:, :size], eos_id)
+      h_BxLxD, _ = Transformer(cfg).apply({"params": trunk_params}, tokens_BxS[:, :size], segment_BxL,
+                                          positions_BxL)
       idx_BxT = jnp.minimum(start_B[:, None] + jnp.arange(T), size - 1)
       return jnp.take_along_axis(h_BxLxD, idx_BxT[:, :, None], axis=1)
     return fn

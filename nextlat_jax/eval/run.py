@@ -1,10 +1,10 @@
 """Task metrics of a restored run (`nextlat eval`): the metrics registered for its data
 (nextlat_jax.eval.TASK_METRICS) plus effective rank, written to DIR/eval/<task>.json with PNG plots.
 
-`TaskRun` is what a registered metric function receives: the resolved config, the objective and its
-restored params on this machine's mesh, and jitted model helpers (`lm()` for decoding and teacher
-forcing, `scorer()` for perplexities, `hidden()` for rank and probes). Task metrics run in a single
-process (the model work is jitted over the local mesh; the bookkeeping is on the host).
+`TaskRun` is what a registered metric function receives: the loaded run (nextlat_jax.run.load_run: the
+resolved config, the objective and its params on this machine's mesh) and jitted model helpers (`lm()`
+for decoding and teacher forcing, `scorer()` for perplexities, `hidden()` for rank and probes). Task
+metrics run in a single process (the model work is jitted over the local mesh; the bookkeeping is on the host).
 """
 from __future__ import annotations
 
@@ -24,28 +24,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nextlat_jax.data.packing import segment_ids_and_positions
 from nextlat_jax.decoding import kv_cache
 from nextlat_jax.eval import TASK_METRICS
 from nextlat_jax.eval import plots
 from nextlat_jax.eval.metrics import rank as rank_lib
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
+from nextlat_jax.run import Run, load_run
 
 log = logging.getLogger(__name__)
 NEXT_TOKEN_OBJECTIVES = ("gpt", "nextlat")  # next-token logits = head(trunk h), as kv_cache computes
 WALK_TASKS = ("street_grid", "manhattan")
 
 
-def _layout(tokens_BxT: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
-  """(segment_ids, positions) of token rows under the batch contract (nextlat_jax.data.packing)."""
-  is_eos = tokens_BxT == eos_id
-  t_T = jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)
-  last_eos = jax.lax.cummax(jnp.where(is_eos, t_T, -1), axis=1)
-  return jnp.cumsum(is_eos, axis=1, dtype=jnp.int32), (t_T - last_eos).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "eos_id"))
 def _teacher_force(trunk: Any, tokens_BxT: jax.Array, *, cfg: ModelConfig, eos_id: int):
-  segment_BxT, position_BxT = _layout(tokens_BxT, eos_id)
+  segment_BxT, position_BxT = segment_ids_and_positions(tokens_BxT, eos_id)
   h_BxTxD, _ = Transformer(cfg).apply({"params": trunk}, tokens_BxT, segment_BxT, position_BxT)
   logits_BxTxV = unembed(h_BxTxD[:, :-1], trunk["head"], DTYPES[cfg.dtype]).astype(jnp.float32)
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
@@ -112,7 +106,7 @@ class ForwardLM:
     self._place = functools.partial(shared.place_rows, config, objective)
 
     def logits(params, tokens_BxT):
-      segment_BxT, position_BxT = shared.row_layout(tokens_BxT, self.eos_id)
+      segment_BxT, position_BxT = segment_ids_and_positions(tokens_BxT, self.eos_id)
       return shared.next_token_logits(config, objective, params, tokens_BxT, segment_BxT,
                                       position_BxT).astype(jnp.float32)
 
@@ -158,12 +152,8 @@ class ForwardLM:
 
 @dataclasses.dataclass
 class TaskRun:
-  """A restored run, as a registered task metric receives it."""
-  workdir: str
-  config: ml_collections.ConfigDict  # resolved
-  setup: Any  # nextlat_jax.train.step.Setup on this machine's mesh
-  params: Any
-  step: int
+  """A loaded run (nextlat_jax.run.Run) and the eval settings, as a registered task metric receives it."""
+  run: Run
   out_dir: str  # DIR/eval
   num_samples: int | None = None  # None: each metric's spec count
   batch_size: int = 256  # rows per jitted model call
@@ -172,8 +162,25 @@ class TaskRun:
   options: dict = dataclasses.field(default_factory=dict)  # task options (corpus paths, probe steps, ...)
 
   @property
-  def objective(self):
-    return self.setup.objective
+  def workdir(self) -> str:
+    return self.run.workdir
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The run's resolved config."""
+    return self.run.config
+
+  @property
+  def params(self) -> Any:
+    return self.run.params
+
+  @property
+  def step(self) -> int:
+    return self.run.step
+
+  @property
+  def objective(self) -> Any:
+    return self.run.objective
 
   def progress(self, iterable, desc: str | None = None):
     """A tqdm progress bar over `iterable` (silent when show_progress is off)."""
@@ -197,8 +204,7 @@ class TaskRun:
 
   @functools.cached_property
   def _hidden_jit(self):
-    return jax.jit(self.objective.hidden, in_shardings=(self.setup.state_shardings.params,
-                                                        self.setup.batch_sharding))
+    return jax.jit(self.objective.hidden, in_shardings=(self.run.param_shardings, self.run.batch_sharding))
 
   def hidden(self, batch: dict) -> np.ndarray:
     """The objective's representation h (B, T, D) of a batch (B divisible by the mesh's batch axes)."""
@@ -263,21 +269,14 @@ def metric_function(task: str):
   return getattr(importlib.import_module(module), fn)
 
 
-def restore(workdir: str, step: int | None = None, **kwargs) -> TaskRun:
-  """A run's params (only) on this machine's devices, as a TaskRun writing to DIR/eval."""
-  from nextlat_jax.parallel.mesh import make_mesh
-  from nextlat_jax.train import checkpoint, trainer
-  from nextlat_jax.train import step as step_lib
-  from nextlat_jax.train.evaluate import run_config
+def restore(workdir: str, step: int | None = None, **kwargs: Any) -> TaskRun:
+  """load_run(workdir, step) as a TaskRun writing to DIR/eval; `kwargs`: TaskRun's settings."""
   if jax.process_count() > 1:
     raise ValueError(f"task metrics run in one process; this job has {jax.process_count()} processes")
-  config, _ = trainer.resolve(run_config(workdir, step))
-  setup = step_lib.build(config, make_mesh(config.mesh))
-  params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), setup.abstract_state.params, step)
+  run = load_run(workdir, step)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  return TaskRun(workdir=workdir, config=config, setup=setup, params=params, step=step, out_dir=out_dir,
-                 seed=int(config.seed), **kwargs)
+  return TaskRun(run, out_dir=out_dir, **{"seed": int(run.config.seed), **kwargs})
 
 
 def evaluate_task(workdir: str, step: int | None = None, task: str | None = None, num_samples: int | None = None,

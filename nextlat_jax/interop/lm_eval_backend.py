@@ -96,16 +96,19 @@ class NextLatLM(TemplateLM):
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None, *, mesh: dict | None = None, tokenizer: Any = None,
                **kwargs: Any) -> NextLatLM:
-    """The trunk of `workdir`'s checkpoint; the tokenizer defaults to the run's (hf_checkpoint.run_tokenizer)."""
-    from nextlat_jax.interop import hf_checkpoint
-    run = hf_checkpoint.restore_trunk(workdir, step, mesh)
-    tok = tokenizer or hf_checkpoint.run_tokenizer(run.config)
+    """The trunk of `workdir`'s checkpoint (nextlat_jax.run.load_run onto `mesh`, e.g. {"fsdp": 2});
+    the tokenizer defaults to the run's."""
+    from nextlat_jax.interop import hf_config
+    from nextlat_jax.run import load_run
+    run = load_run(workdir, step, mesh)
+    trunk = hf_config.llama_trunk(run)
+    tok = tokenizer or run.tokenizer
     if tok is None:
       raise ValueError(f"data.name={run.config.data.name!r}: no text tokenizer for this run; "
                        "give --lm_eval_tokenizer (and --lm_eval_tokenizer_path)")
     info = {"nextlat_workdir": os.path.abspath(workdir), "nextlat_step": run.step,
             "nextlat_objective": run.config.objective.name}
-    return cls(run.trunk, run.cfg, tok, eos_id=run.eos_id, pad_id=run.pad_id,
+    return cls(trunk, run.cfg, tok, eos_id=run.eos_id, pad_id=run.pad_id,
                max_length=int(run.config.data.seq_len), mesh=run.mesh, rules=run.rules, info=info, **kwargs)
 
   @property

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import DTYPES, Constrain, RMSNorm, _init
 
 Array = jax.Array
@@ -176,19 +177,33 @@ class AttnDynamics(_DynamicsFields):
     return h_BxTxD + delta_BxTxD.astype(h_BxTxD.dtype)
 
 
+def validate(dyn_cfg: Any) -> None:
+  """config.dynamics; raises ConfigError for the first bad value."""
+  need(dyn_cfg.kind in KINDS, "dynamics.kind", dyn_cfg.kind, f"unknown (known: {', '.join(KINDS)})")
+  for key in ("layers", "window", "hidden"):
+    need(int(dyn_cfg[key]) >= 1, f"dynamics.{key}", dyn_cfg[key], "must be >= 1")
+
+
+def validate_sharding(dyn_cfg: Any, fsdp: int, tensor: int) -> None:
+  """dynamics.hidden is sharded over both mesh.fsdp and mesh.tensor (its in / out matrices)."""
+  H = int(dyn_cfg.hidden)
+  need(H % tensor == 0 and H % fsdp == 0, "dynamics.hidden", H,
+       f"must be divisible by mesh.tensor={tensor} and mesh.fsdp={fsdp}")
+
+
 def make(dyn_cfg: Any, model_cfg: Any, mesh: Mesh | None = None, rules: tuple = ()) -> nn.Module:
-  """The module of `dyn_cfg.kind` ("mlp" when absent) for a model config (d_model, dtypes, init, norm)."""
-  m, kind = model_cfg, dyn_cfg.get("kind", "mlp")
+  """The module of `dyn_cfg.kind` for a model config (d_model, dtypes, init, norm)."""
+  m, kind = model_cfg, dyn_cfg.kind
   common = dict(d_model=m.d_model, hidden=dyn_cfg.hidden, norm_eps=m.norm_eps, init_std=m.init_std,
                 dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, rules=rules)
   if kind == "mlp":
     return Dynamics(**common)
   if kind == "resmlp":
-    return ResMLPDynamics(layers=int(dyn_cfg.get("layers", 2)), **common)
+    return ResMLPDynamics(layers=int(dyn_cfg.layers), **common)
   if kind == "gru":
     return GRUDynamics(**common)
   if kind == "attn":
-    return AttnDynamics(n_heads=m.n_head, window=int(dyn_cfg.get("window", 4)), **common)
+    return AttnDynamics(n_heads=m.n_head, window=int(dyn_cfg.window), **common)
   raise ValueError(f"dynamics.kind={kind!r}: unknown (known: {', '.join(KINDS)})")
 
 

@@ -5,12 +5,24 @@ document-relative positions), SwiGLU, untied embedding and bias-free head, N(0, 
 `Transformer.__call__` returns h (the output of the final norm, float32) and e = E[x]. The head weight is
 a trunk parameter (`params['head']`, D x V; the input table is `params['embed']`, V x D) applied with
 `unembed`, so objectives can freeze it.
+
+Cache mode (decoding): `Transformer` / `Stack` / `Block` take an optional `KVCache`, the K/V of the stack's
+layers over S slots per row plus where this call's T new tokens go (`start_B`) and what they see
+(`mask_Bx1xTxS`). Each block puts its new K/V at slots start_B[b] + t of its layer's buffers, attends over
+every slot with that mask (the same `jax.nn.dot_product_attention(implementation=cfg.attention_impl)` as
+training) and returns its new rows; the buffers' layer axis is scanned with the layers (`nn.scan` in_axes
+0) and the stack writes every layer's rows into them in place. An explicit argument rather than Flax's
+`variables["cache"]` (lm1b): the parameter tree and `init` stay untouched, the cache is a plain pytree
+that decoding owns (rows left-aligned with per-row offsets, rollback = resetting a length, one buffer
+shared by MTP's trunk and heads), and no `mutable=` plumbing. Slot bookkeeping (layout, masks, rollback)
+lives in `nextlat_jax.decoding.kv_cache`.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,7 +39,7 @@ class ModelConfig:
   d_model: int
   n_layer: int
   n_head: int
-  ffn_width: int = 0  # 0: 128 * round(8D/3/128), the reference's SwiGLU width
+  ffn_width: int = 0  # 0: the reference's SwiGLU width (`ffn_width`)
   rope_base: float = 10000.0
   norm_eps: float = 1e-5
   init_std: float = 0.02
@@ -39,7 +51,7 @@ class ModelConfig:
 
   @property
   def ffn(self) -> int:
-    return self.ffn_width or 128 * round(8 * self.d_model / 3 / 128)
+    return ffn_width(self.d_model, self.ffn_width)
 
   @property
   def head_dim(self) -> int:
@@ -51,8 +63,38 @@ class ModelConfig:
     return cls(**{k: v for k, v in model_cfg.items() if k in fields})
 
 
-def ffn_width(d_model: int) -> int:
-  return 128 * round(8 * d_model / 3 / 128)
+def ffn_width(d_model: int, width: int = 0) -> int:
+  """The SwiGLU width: `width` when set (> 0), else the reference's 128 * round(8 d_model / 3 / 128)."""
+  return int(width) or 128 * round(8 * d_model / 3 / 128)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Cache mode of a stack of L blocks: their K/V over S slots per row. This call's T new tokens of row b
+  are written at slots start_B[b] .. start_B[b] + T - 1; new token t attends to slot s iff mask[b, 0, t, s]."""
+  k_LxBxSxNxH: Array
+  v_LxBxSxNxH: Array
+  start_B: Array
+  mask_Bx1xTxS: Array
+
+  def layers(self, first: int, stop: int) -> "KVCache":
+    """The cache of layers first .. stop - 1 (for a stack that holds only those)."""
+    return self.replace(k_LxBxSxNxH=self.k_LxBxSxNxH[first:stop], v_LxBxSxNxH=self.v_LxBxSxNxH[first:stop])
+
+  def written(self, k_LxBxTxNxH: Array, v_LxBxTxNxH: Array) -> "KVCache":
+    """The cache with every layer's new K/V rows written at slots start_B[b] + t (one scatter each)."""
+    write = jax.vmap(write_slots, in_axes=(0, 0, None))
+    return self.replace(k_LxBxSxNxH=write(self.k_LxBxSxNxH, k_LxBxTxNxH, self.start_B),
+                        v_LxBxSxNxH=write(self.v_LxBxSxNxH, v_LxBxTxNxH, self.start_B))
+
+
+def write_slots(buf_BxSxNxH: Array, new_BxTxNxH: Array, start_B: Array) -> Array:
+  """buf[b, start_B[b] + t] = new[b, t]: a scatter of the new rows only (slots must exist)."""
+  B, T = new_BxTxNxH.shape[:2]
+  b_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+  s_BxT = start_B[:, None] + jnp.arange(T)[None]
+  return buf_BxSxNxH.at[b_BxT, s_BxT].set(new_BxTxNxH.astype(buf_BxSxNxH.dtype), indices_are_sorted=True,
+                                          unique_indices=True)
 
 
 def _init(std: float, names: tuple[str | None, ...]):
@@ -113,12 +155,16 @@ def unembed(h_BxTxD: Array, head_DxV: Array, dtype: Any = jnp.float32) -> Array:
 
 
 class Block(nn.Module):
+  """One pre-norm block: (x, mask Bx1xTxK over the K keys, positions) -> (x, None); keys are the T tokens
+  themselves, or in cache mode (kv = this layer's (k, v) buffers BxSxNxH, start_B) the S slots with the
+  block's own K/V in place at slots start_B[b] + t: -> (x, its (k, v) rows BxTxNxH, to be written there)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   rules: tuple = ()
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, mask_Bx1xTxT: Array, positions_BxT: Array):
+  def __call__(self, x_BxTxD: Array, mask_Bx1xTxK: Array, positions_BxT: Array,
+               kv: tuple[Array, Array] | None = None, start_B: Array | None = None):
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     N, H = cfg.n_head, cfg.head_dim
@@ -130,7 +176,11 @@ class Block(nn.Module):
     q, k, v = (c(a, ("activation_batch", "activation_length", "activation_heads", None))
                for a in qkv_3xBxTxNxH)
     q, k = rope(q, positions_BxT, cfg.rope_base), rope(k, positions_BxT, cfg.rope_base)
-    o_BxTxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT,
+    if kv is not None:  # attend over the slots with this block's rows in place; return the rows
+      rows = k, v
+      k, v = write_slots(kv[0], k, start_B), write_slots(kv[1], v, start_B)
+      kv = rows
+    o_BxTxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxK,
                                              implementation=cfg.attention_impl)
     o_BxTxNxH = c(o_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
     x_BxTxD = x_BxTxD + nn.DenseGeneral(
@@ -148,7 +198,7 @@ class Block(nn.Module):
         cfg.d_model, use_bias=False, dtype=dtype, param_dtype=pdtype, name="mlp_out",
         kernel_init=_init(cfg.init_std, ("mlp", "embed")))(f_BxTxF)
     x_BxTxD = c(x_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
-    return x_BxTxD, None
+    return x_BxTxD, kv
 
 
 def _remat_policy(name: str):
@@ -158,19 +208,23 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
-  """tokens, segment_ids, positions (B, T) -> (h_BxTxD float32 post-final-norm, e_BxTxD = E[x])."""
+  """tokens, segment_ids, positions (B, T) -> (h_BxTxD float32 post-final-norm, e_BxTxD = E[x]); in cache
+  mode (`cache` given, segment_ids unused: cache.mask_Bx1xTxS says what each token sees) -> (h, e, cache)
+  with this call's K/V written."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   rules: tuple = ()
 
   @nn.compact
-  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array, positions_BxT: Array):
+  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None, positions_BxT: Array,
+               cache: KVCache | None = None):
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
     pdtype = DTYPES[cfg.param_dtype]
     e_BxTxD = embed_with_head(self, tokens_BxT)
-    x_BxTxD = run_blocks(self, e_BxTxD, segment_ids_BxT, positions_BxT)
+    x_BxTxD, cache = run_blocks(self, e_BxTxD, segment_ids_BxT, positions_BxT, cache)
     h_BxTxD = RMSNorm(cfg.norm_eps, pdtype, name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
-    return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed")), e_BxTxD
+    h_BxTxD = c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    return (h_BxTxD, e_BxTxD) if cache is None else (h_BxTxD, e_BxTxD, cache)
 
 
 def embed_with_head(module: nn.Module, tokens_BxT: Array) -> Array:
@@ -185,42 +239,71 @@ def embed_with_head(module: nn.Module, tokens_BxT: Array) -> Array:
   return c(e_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:
-  """module.cfg.n_layer blocks (scanned as `blocks`, or `block_{i}`) inside `module`'s scope."""
+class _Embed(nn.Module):
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+  rules: tuple = ()
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array) -> Array:
+    return embed_with_head(self, tokens_BxT)
+
+
+def embed(cfg: ModelConfig, trunk_params: Any, tokens_BxT: Array) -> Array:
+  """E[x] from a trunk's params (of any module that declared them with `embed_with_head`)."""
+  return _Embed(cfg).apply({"params": trunk_params}, tokens_BxT)
+
+
+def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array | None, positions_BxT: Array,
+               cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+  """module.cfg.n_layer blocks (scanned as `blocks`, or `block_{i}`) inside `module`'s scope; returns
+  (x, the cache with every layer's new K/V written, or None without one)."""
   cfg = module.cfg
-  mask = document_mask(segment_ids_BxT)
   block = Block
   if cfg.remat != "none":
     block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
   x_BxTxD = x_BxTxD.astype(DTYPES[cfg.dtype])
+  if cache is None:
+    mask, kv_args, kv_axes = document_mask(segment_ids_BxT), (), ()
+  else:  # each layer reads its slice of the buffers; the slot mask and offsets are shared
+    mask = cache.mask_Bx1xTxS
+    kv_args, kv_axes = ((cache.k_LxBxSxNxH, cache.v_LxBxSxNxH), cache.start_B), (0, nn.broadcast)
   if cfg.scan_layers:
-    x_BxTxD, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layer,
-                         metadata_params={nn.PARTITION_NAME: "layers"})(
-                             cfg, module.mesh, module.rules, name="blocks", parent=module)(
-                                 x_BxTxD, mask, positions_BxT)
+    x_BxTxD, kv = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, nn.broadcast) + kv_axes, length=cfg.n_layer,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(
+                              cfg, module.mesh, module.rules, name="blocks", parent=module)(
+                                  x_BxTxD, mask, positions_BxT, *kv_args)
   else:
+    kvs = []
     for i in range(cfg.n_layer):
-      x_BxTxD, _ = block(cfg, module.mesh, module.rules, name=f"block_{i}", parent=module)(
-          x_BxTxD, mask, positions_BxT)
-  return x_BxTxD
+      layer_args = () if cache is None else ((cache.k_LxBxSxNxH[i], cache.v_LxBxSxNxH[i]), cache.start_B)
+      x_BxTxD, kv_i = block(cfg, module.mesh, module.rules, name=f"block_{i}", parent=module)(
+          x_BxTxD, mask, positions_BxT, *layer_args)
+      kvs.append(kv_i)
+    kv = None if cache is None else tuple(jnp.stack(layers) for layers in zip(*kvs))
+  # The blocks return their new rows (scanned out: L x B x T, not the L x B x S buffers), written here
+  # in place once: a block writing its slice of the buffers would copy every layer out and back.
+  return x_BxTxD, None if cache is None else cache.written(*kv)
 
 
 class Stack(nn.Module):
   """cfg.n_layer blocks over already-embedded inputs, then the final RMSNorm unless final_norm=False:
   the Transformer without its embedding and head (param names as in Transformer: `blocks` or
   `block_{i}`, `final_norm`). Additive; used by baselines with a second or shorter stack (BST's
-  backward encoder, MTP's trunk). Returns float32 after the norm, the compute dtype without it."""
+  backward encoder, MTP's trunk). Returns float32 after the norm, the compute dtype without it; in cache
+  mode (as Transformer's) (h, cache)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   rules: tuple = ()
   final_norm: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, segment_ids_BxT: Array, positions_BxT: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, segment_ids_BxT: Array | None, positions_BxT: Array,
+               cache: KVCache | None = None):
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
-    x_BxTxD = run_blocks(self, x_BxTxD, segment_ids_BxT, positions_BxT)
-    if not self.final_norm:
-      return x_BxTxD
-    h_BxTxD = RMSNorm(cfg.norm_eps, DTYPES[cfg.param_dtype], name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
-    return c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    x_BxTxD, cache = run_blocks(self, x_BxTxD, segment_ids_BxT, positions_BxT, cache)
+    if self.final_norm:
+      h_BxTxD = RMSNorm(cfg.norm_eps, DTYPES[cfg.param_dtype], name="final_norm", out_dtype=jnp.float32)(x_BxTxD)
+      x_BxTxD = c(h_BxTxD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BxTxD if cache is None else (x_BxTxD, cache)

@@ -11,41 +11,46 @@ the whole batch's: token-weighted gradient accumulation (train/step.py).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import importlib
+from typing import Any
 
-import jax
+from nextlat_jax.errors import need
+from nextlat_jax.objectives.base import Batch, Counts, Objective, Params
 
-Params = Any
-Batch = dict[str, jax.Array]
-Counts = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  name: str
-  init: Callable[[jax.Array], Params]  # rng -> params, boxed with logical axis names
-  # (params, batch, rng[, counts]) -> (loss, metrics); counts None: the batch's own (module docstring)
-  loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-  hidden: Callable[[Params, Batch], jax.Array]  # the state that rank / probe metrics read
-  modules: dict[str, Any]  # the Flax modules behind the params tree, by top-level key
-  counts: Callable[[Batch], Counts] | None = None  # batch -> the loss's denominators, each a sum over rows
+__all__ = ["Batch", "Counts", "Objective", "Params", "build", "names", "validate", "validate_sharding"]
+# objective.name -> its module: `build(config, mesh) -> Objective`; optionally `validate(config)` (its
+# objective.* keys; raises ConfigError) and `validate_sharding(config, fsdp, tensor)` (its widths on the mesh).
+MODULES = {name: f"nextlat_jax.objectives.{name}" for name in ("gpt", "nextlat", "mtp", "mtp_deepseek", "jtp", "bst")}
 
 
 def names() -> tuple[str, ...]:
-  return ("gpt", "nextlat", "mtp", "mtp_deepseek", "jtp", "bst")
+  """The objective names, in the registry's order."""
+  return tuple(MODULES)
+
+
+def _module(name: str) -> Any:
+  return importlib.import_module(MODULES[name])
 
 
 def build(config: Any, mesh: Any = None) -> Objective:
   """The objective named by config.objective.name, with its modules bound to `mesh`."""
   name = config.objective.name
-  if name == "gpt":
-    from nextlat_jax.objectives import gpt
-    return gpt.build(config, mesh)
-  if name == "nextlat":
-    from nextlat_jax.objectives import nextlat
-    return nextlat.build(config, mesh)
-  if name in ("mtp", "mtp_deepseek", "jtp", "bst"):  # the baselines (BASELINES.md), one module each
-    import importlib
-    return importlib.import_module(f"nextlat_jax.objectives.{name}").build(config, mesh)
-  raise ValueError(f"objective.name={name!r}: unknown objective (known: {', '.join(names())})")
+  if name not in MODULES:
+    raise ValueError(f"objective.name={name!r}: unknown objective (known: {', '.join(names())})")
+  return _module(name).build(config, mesh)
+
+
+def validate(config: Any) -> None:
+  """objective.name and the named objective's own keys; raises ConfigError for the first bad value."""
+  o = config.objective
+  need(o.name in MODULES, "objective.name", o.name, f"unknown objective (known: {', '.join(names())})")
+  check = getattr(_module(o.name), "validate", None)
+  if check is not None:
+    check(config)
+
+
+def validate_sharding(config: Any, fsdp: int, tensor: int) -> None:
+  """The named objective's own widths against the mesh's fsdp / tensor sizes (after the trunk's)."""
+  check = getattr(_module(config.objective.name), "validate_sharding", None)
+  if check is not None:
+    check(config, fsdp, tensor)

@@ -41,14 +41,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, RMSNorm, Stack, _init, ffn_width, unembed
-from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
 from nextlat_jax.objectives.losses import Counts, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
 NORMALIZE = ("row", "pair")
+
+
+def validate(config: Any) -> None:
+  """BST's keys; raises ConfigError for the first bad value."""
+  o = config.objective
+  need(int(o.bst_min_gap) >= 1, "objective.bst_min_gap", o.bst_min_gap, "must be >= 1")
+  need(int(o.bst_max_gap) == -1 or int(o.bst_max_gap) > int(o.bst_min_gap), "objective.bst_max_gap",
+       o.bst_max_gap, f"must be -1 (no limit) or > bst_min_gap={o.bst_min_gap}")
+  need(0 < float(o.bst_pair_fraction) <= 1, "objective.bst_pair_fraction", o.bst_pair_fraction,
+       "must be in (0, 1]")
+  need(int(o.bst_pair_chunk) >= 1, "objective.bst_pair_chunk", o.bst_pair_chunk, "must be >= 1")
+  need(o.bst_normalize in NORMALIZE, "objective.bst_normalize", o.bst_normalize, "must be 'row' or 'pair'")
 
 
 class TextHead(nn.Module):
@@ -141,9 +154,9 @@ def build(config: Any, mesh: Any = None) -> Objective:
   trunk, backward, text_head = modules["trunk"], modules["backward"], modules["text_head"]
   o = config.objective
   eos_id = int(config.data.eos_id)
-  min_gap, max_gap = int(o.get("bst_min_gap", 1)), int(o.get("bst_max_gap", -1))
-  fraction, chunk = float(o.get("bst_pair_fraction", 1.0)), int(o.get("bst_pair_chunk", 2048))
-  normalize = o.get("bst_normalize", "row")
+  min_gap, max_gap = int(o.bst_min_gap), int(o.bst_max_gap)
+  fraction, chunk = float(o.bst_pair_fraction), int(o.bst_pair_chunk)
+  normalize = o.bst_normalize
   dtype = DTYPES[trunk.cfg.dtype]
 
   def init(rng: jax.Array) -> Any:

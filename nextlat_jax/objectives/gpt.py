@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
-from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 

@@ -31,14 +31,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import DTYPES, Constrain, RMSNorm, _init, unembed
-from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
 from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
-from nextlat_jax.objectives.mtp import eos_count
+from nextlat_jax.objectives.mtp import eos_count, validate_aux
 
 Array = jax.Array
 REPRESENTATIONS = ("trunk", "combine")
+
+
+def validate(config: Any) -> None:
+  """JTP's keys; raises ConfigError for the first bad value."""
+  o, m = config.objective, config.model
+  validate_aux(config)
+  need(o.representation in REPRESENTATIONS, "objective.representation", o.representation,
+       f"must be one of {REPRESENTATIONS} for jtp")
+  need(m.d_model % min(4, m.n_head) == 0, "model.d_model", m.d_model,
+       f"must be divisible by jtp's min(4, n_head)={min(4, m.n_head)} Fetch heads")
 
 
 def fetch_heads(n_head: int) -> int:
@@ -139,7 +150,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   modules = {"trunk": trunk, "fetch": fetch}
   obj = config.objective
   d, lam, eos_id = int(obj.horizon), float(obj.lambda_mtp), int(config.data.eos_id)
-  representation = obj.get("representation", "trunk")
+  representation = obj.representation
   dtype = DTYPES[trunk.cfg.dtype]
   constrain = Constrain(trunk.mesh, trunk.rules)
 
@@ -160,7 +171,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   def slot_loss(head_DxV, o_BxTxD, targets_BxT, mask_BxT, count=None):
     return masked_mean(token_cross_entropy(unembed(o_BxTxD, head_DxV, dtype), targets_BxT), mask_BxT, count)
 
-  if obj.get("remat_rollout", False):
+  if obj.remat_rollout:
     slot_loss = jax.checkpoint(slot_loss)
 
   def term_counts(batch: dict) -> Counts:

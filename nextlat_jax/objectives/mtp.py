@@ -29,14 +29,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.models.transformer import (embed_with_head, DTYPES, Block, ModelConfig, RMSNorm, Stack, _remat_policy, document_mask, unembed)
-from nextlat_jax.objectives import Objective
+from nextlat_jax.errors import need
+from nextlat_jax.models.transformer import (DTYPES, Block, ModelConfig, RMSNorm, Stack, _remat_policy, document_mask,
+                                            embed_with_head, unembed)
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
 EOS_MASKS = ("reference", "intended")
 REPRESENTATIONS = ("trunk", "head0")
+
+
+def validate_aux(config: Any) -> None:
+  """objective.horizon and objective.lambda_mtp, as mtp, jtp and mtp_deepseek read them."""
+  o = config.objective
+  need(int(o.horizon) >= 1, "objective.horizon", o.horizon, f"must be >= 1 for {o.name}")
+  need(float(o.lambda_mtp) >= 0, "objective.lambda_mtp", o.lambda_mtp, "must be >= 0")
+
+
+def validate(config: Any) -> None:
+  """MTP's keys; raises ConfigError for the first bad value."""
+  o, m = config.objective, config.model
+  validate_aux(config)
+  need(int(m.n_layer) >= 2, "model.n_layer", m.n_layer, "must be >= 2 for mtp (trunk of n_layer - 1 blocks)")
+  need(o.mtp_eos_mask in EOS_MASKS, "objective.mtp_eos_mask", o.mtp_eos_mask, "must be 'reference' or 'intended'")
+  need(o.representation in REPRESENTATIONS, "objective.representation", o.representation,
+       f"must be one of {REPRESENTATIONS} for mtp")
 
 
 def eos_count(tokens_BxL: Array, eos_id: int, i: int, n: int) -> Array:
@@ -141,8 +160,8 @@ def build(config: Any, mesh: Any = None) -> Objective:
   trunk, heads = modules["trunk"], modules["heads"]
   obj = config.objective
   d, lam = int(obj.horizon), float(obj.lambda_mtp)
-  eos_mask, eos_id = obj.get("mtp_eos_mask", "reference"), int(config.data.eos_id)
-  representation = obj.get("representation", "trunk")
+  eos_mask, eos_id = obj.mtp_eos_mask, int(config.data.eos_id)
+  representation = obj.representation
   dtype = DTYPES[trunk.cfg.dtype]
 
   def init(rng: jax.Array) -> Any:
@@ -164,7 +183,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
     logits_BxNxV = unembed(h_BxTxD[:, :targets_BxN.shape[1]], head_DxV, dtype)
     return masked_mean(token_cross_entropy(logits_BxNxV, targets_BxN), mask_BxN, count)
 
-  if obj.get("remat_rollout", False):
+  if obj.remat_rollout:
     head_loss = jax.checkpoint(head_loss, static_argnums=(7,))
 
   def term_counts(batch: dict) -> Counts:

@@ -29,16 +29,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import (DTYPES, Block, ModelConfig, RMSNorm, _init, _remat_policy,
                                             document_mask, unembed)
-from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
 from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
-from nextlat_jax.objectives.mtp import eos_count
+from nextlat_jax.objectives.mtp import eos_count, validate_aux
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
 CONCAT_ORDERS = ("embedding_first", "hidden_first")
+
+
+def validate(config: Any) -> None:
+  """DeepSeek-V3 MTP's keys; raises ConfigError for the first bad value."""
+  o = config.objective
+  validate_aux(config)
+  need(o.deepseek_concat in CONCAT_ORDERS, "objective.deepseek_concat", o.deepseek_concat,
+       "must be 'embedding_first' or 'hidden_first'")
 
 
 class MTPDepth(nn.Module):
@@ -95,7 +104,7 @@ def modules_for(config: Any, mesh: Any = None) -> dict[str, nn.Module]:
   rules = logical_rules(config) if mesh is not None else ()
   return {"trunk": trunk_module(config, mesh),
           "mtp": MTPModules(ModelConfig.from_config(config.model), int(o.horizon),
-                            o.get("deepseek_concat", "embedding_first"), bool(o.get("deepseek_final_norm", True)),
+                            o.deepseek_concat, bool(o.deepseek_final_norm),
                             mesh, rules)}
 
 
@@ -154,7 +163,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
     ce = masked_mean(token_cross_entropy(unembed(o_BxNxD, head_DxV, dtype), targets_BxN), mask_BxN, count)
     return h_BxNxD, ce
 
-  if config.objective.get("remat_rollout", False):
+  if config.objective.remat_rollout:
     depth_loss = jax.checkpoint(depth_loss, static_argnums=(8,))
 
   def term_counts(batch: dict) -> Counts:

@@ -16,16 +16,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nextlat_jax.errors import need
 from nextlat_jax.models import dynamics as dynamics_lib
 from nextlat_jax.models.transformer import DTYPES, unembed
-from nextlat_jax.objectives import Objective
+from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import (Counts, denominators, forward_kl, mask_counts, masked_mean,
-                                           next_latent_loss, token_cross_entropy)
+from nextlat_jax.objectives.losses import (NEXT_H_LOSSES, Counts, denominators, forward_kl, mask_counts,
+                                           masked_mean, next_latent_loss, token_cross_entropy)
 from nextlat_jax.parallel.sharding import logical_rules
 
 EOS_MASKS = ("transition", "chain")
 TOKEN_LOSSES = ("kl", "ce", "none")
+
+
+def validate(config: Any) -> None:
+  """config.objective's NextLat keys and config.dynamics; raises ConfigError for the first bad value."""
+  o = config.objective
+  need(int(o.horizon) >= 1, "objective.horizon", o.horizon, "must be >= 1 for nextlat")
+  need(o.eos_mask in EOS_MASKS, "objective.eos_mask", o.eos_mask, "must be 'transition' or 'chain'")
+  dynamics_lib.validate(config.dynamics)
+  for key in ("next_h_stop_gradient", "kl_frozen_head"):
+    need(isinstance(o[key], bool), f"objective.{key}", o[key], "must be True or False")
+  need(o.token_loss in TOKEN_LOSSES, "objective.token_loss", o.token_loss, "must be 'kl', 'ce' or 'none'")
+  need(o.next_h_loss in NEXT_H_LOSSES, "objective.next_h_loss", o.next_h_loss,
+       "must be 'smooth_l1', 'mse' or 'cosine'")
+  for key in ("lambda_next_h", "lambda_kl"):
+    need(float(o[key]) >= 0, f"objective.{key}", o[key], "must be >= 0")
+
+
+def validate_sharding(config: Any, fsdp: int, tensor: int) -> None:
+  """The dynamics model's widths on the mesh."""
+  dynamics_lib.validate_sharding(config.dynamics, fsdp, tensor)
 
 
 def dynamics_module(config: Any, mesh: Any = None) -> Any:
@@ -57,9 +78,9 @@ def build(config: Any, mesh: Any = None) -> Objective:
   trunk, dyn = trunk_module(config, mesh), dynamics_module(config, mesh)
   obj = config.objective
   horizon, lam_h, lam_kl = int(obj.horizon), float(obj.lambda_next_h), float(obj.lambda_kl)
-  eos_mask, eos_id = obj.get("eos_mask", "transition"), int(config.data.eos_id)
-  stop_target, frozen_head = bool(obj.get("next_h_stop_gradient", True)), bool(obj.get("kl_frozen_head", True))
-  token_loss, next_h_kind = obj.get("token_loss", "kl"), obj.get("next_h_loss", "smooth_l1")
+  eos_mask, eos_id = obj.eos_mask, int(config.data.eos_id)
+  stop_target, frozen_head = bool(obj.next_h_stop_gradient), bool(obj.kl_frozen_head)
+  token_loss, next_h_kind = obj.token_loss, obj.next_h_loss
   token_key = {"kl": "kl", "ce": "latent_ce", "none": None}[token_loss]
   dtype = DTYPES[trunk.cfg.dtype]
   sg = jax.lax.stop_gradient
@@ -91,7 +112,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
       tok = masked_mean(token_cross_entropy(student_BxTxV, token_tgt), m_kl_BxT, n_kl)
     return cur_BxTxD, carry, next_h, tok
 
-  if obj.get("remat_rollout", False):
+  if obj.remat_rollout:
     rollout_step = jax.checkpoint(rollout_step)
 
   def term_counts(batch: dict) -> Counts:

@@ -13,7 +13,9 @@ a tripwire for the layout, not a proof for the full-size model.
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -24,9 +26,11 @@ from jax.sharding import Mesh
 
 from nextlat_jax import objectives
 from nextlat_jax.config import ConfigError, validate
+from nextlat_jax.data import packing
 from nextlat_jax.parallel import sharding
 from nextlat_jax.parallel.mesh import MESH_AXES
 
+log = logging.getLogger(__name__)
 TOLERANCE = 1e-4  # max |g_sharded - g_1dev| / max |g_1dev| per tensor; the bug gives 1e-3 .. 1
 EOS = 1
 
@@ -44,7 +48,7 @@ class CanaryMismatch(ConfigError):
 def rows_per_shard(config: Any, mesh: Mesh) -> int:
   """Rows each batch shard holds in one microbatch: batch_size // (microbatches * data * fsdp)."""
   dp = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
-  return int(config.batch_size) // (int(config.get("microbatches", 1)) * dp)
+  return int(config.batch_size) // (int(config.microbatches) * dp)
 
 
 def layout(config: Any, mesh: Mesh, row_len: int) -> dict:
@@ -84,14 +88,7 @@ def canary_batch(rows: int, row_len: int, vocab: int, seed: int = 0) -> dict:
 def contract_fields(tokens_BxL: np.ndarray, valid_BxL: np.ndarray, eos: int, pad: int = 0) -> dict:
   """The batch contract (METHOD §2) for rows with EOS crossings: padding (valid False) becomes `pad`
   with segment id -1; each document's tokens at positions 1..2 are prompt (context_length 1 style)."""
-  tokens = np.where(valid_BxL, tokens_BxL, pad)
-  t, is_eos = np.arange(tokens.shape[1]), tokens == eos
-  positions = t - np.maximum.accumulate(np.where(is_eos, t, -1), axis=1)
-  loss_mask = valid_BxL & (t >= 1) & ~((positions >= 1) & (positions <= 2))
-  return {"tokens": tokens.astype(np.int32),
-          "segment_ids": np.where(valid_BxL, np.cumsum(is_eos, axis=1), -1).astype(np.int32),
-          "positions": np.where(valid_BxL, positions, 0).astype(np.int32),
-          "loss_mask": loss_mask.astype(np.int32)}
+  return packing.pack_row_fields(np.where(valid_BxL, tokens_BxL, pad), eos, context_length=1, valid=valid_BxL)
 
 
 def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = None, params: Any = None
@@ -151,3 +148,15 @@ def check(config: Any, mesh: Mesh, row_len: int, tolerance: float = TOLERANCE) -
   if not errors[leaf] <= tolerance:
     raise CanaryMismatch(layout(config, mesh, row_len), errors[leaf], leaf, tolerance)
   return errors[leaf]
+
+
+def startup_check(config: Any, mesh: Mesh, row_len: int) -> float | None:
+  """The trainer's check before step 0 (train.sharding_canary, multi-device meshes): `check` with its
+  error and cost logged; None where it is off."""
+  if not config.train.sharding_canary or mesh.devices.size == 1:
+    return None
+  t0 = time.perf_counter()
+  error = check(config, mesh, row_len)
+  log.info("sharding canary on mesh %s: max gradient error %.2e relative to max|g| (%.1f s)",
+           dict(mesh.shape), error, time.perf_counter() - t0)
+  return error

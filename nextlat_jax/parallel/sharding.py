@@ -7,6 +7,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nextlat_jax.errors import ConfigError, need
+from nextlat_jax.parallel.mesh import MESH_AXES, mesh_shape
+
 # Parameters: FSDP shards the model width, tensor parallelism shards heads, MLP width and vocabulary.
 # Activations: batch over (fsdp, data); heads / MLP width / vocabulary over tensor.
 # The batch axis order is fsdp-major on purpose: it matches the device order of the weights' tiling
@@ -39,8 +42,7 @@ DEFAULT_RULES = (
 
 def logical_rules(config: Any) -> tuple:
   """config.mesh.rules as a hashable tuple of (logical name, mesh axes) pairs."""
-  rules = config.mesh.get("rules", DEFAULT_RULES)
-  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
+  return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.mesh.rules)
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules: tuple) -> Any:
@@ -67,3 +69,33 @@ def decay_mask(abstract_boxed_params: Any) -> Any:
       return p.ndim >= 2
     return sum(n != "layers" for n in names) >= 2
   return jax.tree.map(is_matrix, abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def validate(config: Any, num_devices: int) -> tuple[int, int, int]:
+  """config.mesh over `num_devices` devices, the batch over it (batch_size, microbatches) and the batch
+  rule; returns the (data, fsdp, tensor) sizes. Raises ConfigError for the first bad value."""
+  c = config
+  sizes = {a: c.mesh[a] for a in MESH_AXES}
+  try:
+    shape = mesh_shape(c.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError("mesh", sizes, str(e).split(": ", 1)[-1]) from None
+  need(all(s >= 1 for s in shape), "mesh", sizes, "axis sizes must be >= 1 (or one -1)")
+  need(shape[0] * shape[1] * shape[2] == num_devices, "mesh", sizes,
+       f"product {shape[0] * shape[1] * shape[2]} != device count {num_devices}")
+  dp = shape[0] * shape[1]
+  need(int(c.batch_size) >= 1 and c.batch_size % dp == 0, "batch_size", c.batch_size,
+       f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={dp}")
+  k = int(c.microbatches)
+  need(k >= 1 and c.batch_size % (k * dp) == 0, "microbatches", k,
+       f"batch_size={c.batch_size} must be divisible by microbatches * data-parallel size ({dp})")
+  # XLA's SPMD partitioner (jax 0.10.2 .. 0.12.0, Shardy and GSPMD) permutes the batch rows of a cotangent
+  # and never permutes them back when the batch is tiled (data, fsdp) and weights (fsdp, tensor) on a mesh
+  # with all three axes > 1: wrong gradients (docs/sharding.md). DEFAULT_RULES tile it (fsdp, data).
+  batch_rule = dict(logical_rules(c)).get("activation_batch")
+  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
+  need(not (min(shape) > 1 and {"data", "fsdp"} <= set(batch_axes)
+            and batch_axes.index("data") < batch_axes.index("fsdp")), "mesh.rules", f"activation_batch={batch_rule}",
+       f"batch over (data, fsdp) on mesh {dict(zip(MESH_AXES, shape))} triggers an XLA SPMD miscompile "
+       "(wrong gradients, docs/sharding.md); use ('fsdp', 'data') as in DEFAULT_RULES")
+  return shape

@@ -1,52 +1,57 @@
-"""`nextlat eval`: restore the parameters of a run (no optimizer state) on this machine's mesh and
-evaluate them on the held-out split."""
+"""Held-out loss: the mean of the objective's metrics over the first held-out batches, during training
+and for `nextlat eval` (a finished run's parameters, no optimizer state, loaded onto this machine's mesh
+by nextlat_jax.run.load_run)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from typing import Any, Callable
 
+import grain
 import jax
-import ml_collections
 
 from nextlat_jax.data import pipeline
-from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint, trainer
+from nextlat_jax.parallel import sharding
+from nextlat_jax.run import Run, load_run
 from nextlat_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
 
-def run_config(workdir: str, step: int | None = None, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """The config a checkpoint was trained with, re-meshed for the devices here (all on `data`)."""
-  config = ml_collections.ConfigDict(checkpoint.saved_config(os.path.join(workdir, "checkpoints"), step))
-  config.mesh.update(data=-1, fsdp=1, tensor=1)
-  for key, value in (overrides or {}).items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return config
+def heldout_metrics(eval_fn: Any, batch_sharding: Any, params: Any, eval_ds: grain.MapDataset, steps: int,
+                    rng: jax.Array) -> dict:
+  """Mean of the metrics of `eval_fn` (params, batch, rng) -> metrics (e.g. Setup.eval) over the first
+  `steps` held-out batches (the same each time), placed by `batch_sharding`."""
+  sums: dict[str, float] = {}
+  outs = [eval_fn(params, step_lib.global_batch(eval_ds[i], batch_sharding), rng) for i in range(steps)]
+  for m in jax.device_get(outs):
+    for k, v in m.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {f"eval_{k}": v / steps for k, v in sums.items()}
+
+
+def eval_fn(run: Run) -> Callable[..., dict]:
+  """Jitted (params, batch, rng) -> the objective's metrics, sharded like the run (no optimizer)."""
+  rep = sharding.replicated(run.mesh)
+  return jax.jit(functools.partial(step_lib.eval_step, objective=run.objective),
+                 in_shardings=(run.param_shardings, run.batch_sharding, rep), out_shardings=rep)
 
 
 def evaluate_run(workdir: str, step: int | None = None, eval_steps: int | None = None,
                  mesh_overrides: dict | None = None) -> dict:
   """Held-out metrics of a run's checkpoint; also written to DIR/eval_<step>.json."""
-  config = run_config(workdir, step, {f"mesh.{k}": v for k, v in (mesh_overrides or {}).items()})
-  if eval_steps:
-    config.eval_steps = eval_steps
-  config, _ = trainer.resolve(config)
-  setup = step_lib.build(config, make_mesh(config.mesh))
-  params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"),
-                                           setup.abstract_state.params, step)
+  run = load_run(workdir, step, mesh_overrides, overrides={"eval_steps": eval_steps} if eval_steps else None)
+  config = run.config
   eval_ds = pipeline.make_dataset(config.data, split="eval", global_batch_size=int(config.batch_size),
                                   seed=int(config.seed), process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  metrics = trainer.evaluate(setup, params, eval_ds, int(config.eval_steps), jax.random.PRNGKey(config.seed))
-  result = {"step": step, **metrics}
+  metrics = heldout_metrics(eval_fn(run), run.batch_sharding, run.params, eval_ds, int(config.eval_steps),
+                            jax.random.PRNGKey(config.seed))
+  result = {"step": run.step, **metrics}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+    with open(os.path.join(workdir, f"eval_{run.step}.json"), "w") as f:
       json.dump(result, f, indent=2)
-  log.info("evaluated step %d of %s: %s", step, workdir, result)
+  log.info("evaluated step %d of %s: %s", run.step, workdir, result)
   return result

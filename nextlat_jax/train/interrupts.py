@@ -1,4 +1,6 @@
-"""Stop requests: SIGTERM (preemption) and Ctrl-C save at the next step boundary, then the run exits.
+"""How a run stops early: stop requests (SIGTERM, Ctrl-C) and the exceptions that end a run on purpose.
+
+SIGTERM (preemption) and Ctrl-C save at the next step boundary, then the run exits.
 
 SIGTERM exits 0 after the save (a scheduler's requeue); the first Ctrl-C exits 130 after the save
 (`Interrupted`); a second Ctrl-C aborts at once without saving (KeyboardInterrupt). Multi-process runs
@@ -20,6 +22,15 @@ log = logging.getLogger(__name__)
 
 class Interrupted(KeyboardInterrupt):
   """The run stopped on Ctrl-C after saving its state (the CLI exits 130)."""
+
+
+class TrainingStopped(RuntimeError):
+  """Training stopped on purpose or could not go on (non-finite loss with nan_guard='stop', data ran
+  out, a checkpoint save failed); one-line message."""
+
+
+class NonFiniteStop(TrainingStopped):
+  """A non-finite loss or gradient with nan_guard='stop': nothing is saved (the last checkpoint stands)."""
 
 
 class StopRequests:

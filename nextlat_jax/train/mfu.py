@@ -23,7 +23,7 @@ PEAK_BF16 = (
 
 def peak_flops_per_device(config: Any, device: Any | None = None) -> float | None:
   """The configured peak, else the table's entry for this device kind, else None (e.g. CPUs)."""
-  override = float(config.get("peak_flops_per_device", 0) or 0)
+  override = float(config.peak_flops_per_device)
   if override > 0:
     return override
   kind = (device or jax.devices()[0]).device_kind.lower()

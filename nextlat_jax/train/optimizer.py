@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import optax
 
+from nextlat_jax.errors import ConfigError, need
+
 SCHEDULES = ("constant", "wsd", "cosine")
 OPTIMIZERS = ("adamw", "muon")
 # Parameters (paths like "trunk/embed", "dynamics/fc1/kernel") that Muon leaves to AdamW, as regexes
@@ -187,3 +189,33 @@ def describe_routing(abstract_boxed_params: Any, opt_cfg: Any) -> dict[str, str]
   return {param_path(p): "adamw" if d is None else f"muon {tuple(d.reduction_axis)} -> {tuple(d.output_axis)}"
           for p, d in flat}
 
+
+
+def validate(config: Any) -> None:
+  """config.optimizer (and optimizer.decay_steps against config.steps); raises ConfigError for the first
+  bad value."""
+  opt = config.optimizer
+  need(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"unknown (known: {', '.join(OPTIMIZERS)})")
+  if opt.name == "muon":
+    need(muon_available(), "optimizer.name", opt.name, "needs optax >= 0.2.7 (Muon weight_dimension_numbers)")
+    need(float(opt.muon_lr) > 0, "optimizer.muon_lr", opt.muon_lr, "must be > 0")
+    need(0 <= float(opt.muon_momentum) < 1, "optimizer.muon_momentum", opt.muon_momentum, "must be in [0, 1)")
+    need(int(opt.muon_ns_steps) >= 1, "optimizer.muon_ns_steps", opt.muon_ns_steps, "must be >= 1")
+    need(opt.muon_weight_decay is None or float(opt.muon_weight_decay) >= 0, "optimizer.muon_weight_decay",
+         opt.muon_weight_decay, "must be None (= optimizer.weight_decay) or >= 0")
+    need(opt.muon_consistent_rms is None or float(opt.muon_consistent_rms) > 0, "optimizer.muon_consistent_rms",
+         opt.muon_consistent_rms, "must be None (width scaling) or > 0")
+    pats = opt.muon_adam_patterns
+    need(isinstance(pats, (tuple, list)) and all(isinstance(p, str) for p in pats), "optimizer.muon_adam_patterns",
+         pats, "must be a tuple of regex strings")
+    for pat in pats:
+      try:
+        re.compile(pat)
+      except re.error as e:
+        raise ConfigError("optimizer.muon_adam_patterns", pat, f"not a regex: {e}") from None
+  need(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"must be one of {SCHEDULES}")
+  need(float(opt.lr) > 0, "optimizer.lr", opt.lr, "must be > 0")
+  need(int(opt.warmup_steps) >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+  if opt.schedule == "wsd":
+    need(0 <= int(opt.decay_steps) <= int(config.steps) - int(opt.warmup_steps), "optimizer.decay_steps",
+         opt.decay_steps, f"must be in [0, steps - warmup_steps] = [0, {config.steps - opt.warmup_steps}]")

@@ -1,4 +1,5 @@
-"""What a run does with the checkpoints in its workdir: resume, refuse, or move a broken one aside.
+"""Where a run starts, and what it does with the checkpoints in its workdir: resume, refuse, or move a
+broken one aside (else checkpoint.restore_from, else a fresh init).
 
 A workdir with checkpoints is resumed or refused, never trained over:
   - incompatible with the run's config (another objective or dynamics kind; a parameter or optimizer
@@ -10,6 +11,7 @@ A workdir with checkpoints is resumed or refused, never trained over:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -177,3 +179,30 @@ def resume(workdir: str, abstract_state: TrainState, data_iter: Any | None, conf
   _move_aside(directory, unreadable)
   log.warning("no readable checkpoint in %s (checkpoint.allow_fresh_start): starting fresh", directory)
   return None
+
+
+def initial_state(setup: Any, config: Any, workdir: str, data_iter: Any, rng: jax.Array) -> TrainState:
+  """Where a run starts: its workdir's newest readable checkpoint (or a refusal), else
+  checkpoint.restore_from (the whole state, or the parameters alone if the optimizer state does not fit),
+  else `setup.init(rng)`. `setup` is a train.step.Setup."""
+  config_dict = json.loads(config.to_json())
+  state = resume(workdir, setup.abstract_state, data_iter, config_dict,
+                 allow_fresh=bool(config.checkpoint.allow_fresh_start))
+  if state is not None:
+    return state
+  source = config.checkpoint.restore_from
+  if source:
+    src_dir, step = checkpoint.resolve_path(source)
+    src = checkpoint.manager(src_dir, config.checkpoint, read_only=True)
+    step = src.latest_step() if step is None else step
+    if step is None:
+      raise checkpoint.CheckpointMissing(src_dir, f"checkpoint.restore_from={source}: no checkpoint in {src_dir}")
+    if check_compatible(src, step, setup.abstract_state, config_dict, workdir, warm_start=True):
+      state = checkpoint.restore_step(src, step, setup.abstract_state)
+      log.info("started from %s step %s (parameters and optimizer state)", src_dir, step)
+      return state
+    params, _ = checkpoint.restore_params(src_dir, setup.abstract_state.params, step)
+    log.warning("started from the parameters of %s step %s; the optimizer state there does not fit this "
+                "config, so it starts fresh at step 0", src_dir, step)
+    return setup.init(rng).replace(params=params)
+  return setup.init(rng)

@@ -141,7 +141,7 @@ def build(config: Any, mesh: Mesh) -> Setup:
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 jax.eval_shape(init, jax.random.PRNGKey(0)), state_sh)
   step = jax.jit(functools.partial(train_step, objective=objective, tx=tx, lr=lr,
-                                   microbatches=int(config.get("microbatches", 1)), batch_sharding=batch_sh),
+                                   microbatches=int(config.microbatches), batch_sharding=batch_sh),
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                  donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, objective=objective),

@@ -32,7 +32,7 @@ import operator
 import ml_collections
 import numpy as np
 
-from nextlat_jax.data.pipeline import SPLITS, DatasetInfo, need
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo, need
 from nextlat_jax.data.tasks.path_star import epoch_permutation
 
 NUM_ELEMENTS = 60

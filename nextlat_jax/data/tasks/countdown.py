@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from nextlat_jax.data import packing
-from nextlat_jax.data.pipeline import SPLITS, DatasetInfo, need
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo, need
 from nextlat_jax.data.tasks.path_star import epoch_permutation
 
 BAR, MUL, DIV, ADD, SUB, EQUALS, COMMA, EOS = range(10000, 10008)

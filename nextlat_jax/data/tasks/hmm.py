@@ -27,8 +27,8 @@ import operator
 import ml_collections
 import numpy as np
 
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo, need
 from nextlat_jax.data.packing import pack_row_fields
-from nextlat_jax.data.pipeline import SPLITS, DatasetInfo, need
 
 
 def default_data_config() -> ml_collections.ConfigDict:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from nextlat_jax.data import packing
-from nextlat_jax.data.pipeline import SPLITS, DatasetInfo, need
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo, need
 
 BAR, EQUALS, SLASH, PAD, EOS = 100, 101, 102, 103, 104
 VOCAB_SIZE = 106  # 105 ids, padded to 106 as the reference

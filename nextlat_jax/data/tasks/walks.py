@@ -8,8 +8,8 @@ import os
 
 import ml_collections
 
-from nextlat_jax.data.pipeline import SPLITS, DatasetInfo
-from nextlat_jax.data.pipeline import need as _need
+from nextlat_jax.data.dataset_info import SPLITS, DatasetInfo
+from nextlat_jax.data.dataset_info import need as _need
 from nextlat_jax.data.tasks.manhattan import StreetGraph, WalkRowSource, WordTokenizer
 
 _WALK_TASKS = ('street_grid', 'manhattan')

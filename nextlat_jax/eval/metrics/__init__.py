@@ -15,17 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from nextlat_jax.data.packing import segment_ids_and_positions
 from nextlat_jax.models.transformer import unembed
 from nextlat_jax.parallel import sharding
-
-
-def row_layout(tokens_BxT: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
-  """(segment_ids, positions) of packed rows, as nextlat_jax.data.packing (jit-friendly)."""
-  is_eos = tokens_BxT == eos_id
-  segment_ids = jnp.cumsum(is_eos, axis=-1, dtype=jnp.int32)
-  t_T = jnp.arange(tokens_BxT.shape[-1], dtype=jnp.int32)
-  last_eos = jax.lax.cummax(jnp.where(is_eos, t_T, -1), axis=tokens_BxT.ndim - 1)
-  return segment_ids, (t_T - last_eos).astype(jnp.int32)
 
 
 def next_token_logits(config: Any, objective: Any, params: Any, tokens_BxT: jax.Array,
@@ -72,7 +64,7 @@ def make_completer(config: Any, objective: Any, num_new: int) -> Callable:
 
     def body(k, buf_BxL):
       x_BxT = buf_BxL[:, :-1]
-      seg_BxT, pos_BxT = row_layout(x_BxT, eos_id)
+      seg_BxT, pos_BxT = segment_ids_and_positions(x_BxT, eos_id)
       logits_BxTxV = next_token_logits(config, objective, params, x_BxT, seg_BxT, pos_BxT)
       logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, P - 1 + k, axis=1, keepdims=False)
       x_B = pick(logits_BxV, jax.random.fold_in(key, k), temperature)

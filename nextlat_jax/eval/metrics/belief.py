@@ -28,13 +28,9 @@ import jax
 import numpy as np
 
 from nextlat_jax.data import pipeline
+from nextlat_jax.data.packing import segment_ids_and_positions
 from nextlat_jax.data.tasks import hmm as hmm_lib
-from nextlat_jax.eval.metrics import (
-  make_jit,
-  map_batches,
-  next_token_logits,
-  row_layout,
-)
+from nextlat_jax.eval.metrics import make_jit, map_batches, next_token_logits
 from nextlat_jax.eval.metrics import rank as rank_lib
 
 
@@ -102,7 +98,7 @@ def model_outputs(config: Any, objective: Any, params: Any, tokens_NxL: np.ndarr
   eos_id = int(config.data.eos_id)
 
   def fn(params, tokens_BxL):
-    seg_BxL, pos_BxL = row_layout(tokens_BxL, eos_id)
+    seg_BxL, pos_BxL = segment_ids_and_positions(tokens_BxL, eos_id)
     batch = {"tokens": tokens_BxL, "segment_ids": seg_BxL, "positions": pos_BxL,
              "loss_mask": (pos_BxL > 0).astype(tokens_BxL.dtype)}
     logits = next_token_logits(config, objective, params, tokens_BxL, seg_BxL, pos_BxL)

@@ -1,0 +1,26 @@
+"""User errors: ConfigError, `need` (the check every config validator raises it with) and `fail` (a
+command's one-line exit). A leaf module: it imports nothing of the package, so validators beside what they
+validate and command modules can import it without import cycles."""
+from __future__ import annotations
+
+import sys
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the key and the value."""
+
+  def __init__(self, key: str, value: object, why: str):
+    super().__init__(f"config error: {key}={value!r}: {why}")
+    self.key, self.value = key, value
+
+
+def need(ok: bool, key: str, value: object, why: str) -> None:
+  """Raises ConfigError(key, value, why) unless ok."""
+  if not ok:
+    raise ConfigError(key, value, why)
+
+
+def fail(message: str) -> None:
+  """A user error: `message` as the one line on stderr, exit status 2."""
+  print(message, file=sys.stderr)
+  sys.exit(2)
