@@ -120,10 +120,10 @@ def test_a_restored_jtp_run_decodes_through_fetch(tmp_path):
   prompts = [[int(t) for t in tok.encode(p)] for p in ("3 17", "40 2 N E", "end 5")]
   key = jax.random.PRNGKey(0)
   ar = cli.decode(run, prompts, key, GREEDY, 10)
-  for mode in ("A", "B"):
-    sp = cli.decode(run, prompts, key, GREEDY, 10, speculative_mode=mode, policy=dp.DraftPolicy(gamma=2),
-                    gamma_max=3)
-    np.testing.assert_array_equal(np.asarray(sp.tokens_BxM), np.asarray(ar.tokens_BxM))
+  # mode A here (both modes: test_speculative_greedy_equals_autoregressive, on the same drafter)
+  sp = cli.decode(run, prompts, key, GREEDY, 10, speculative_mode="A", policy=dp.DraftPolicy(gamma=2),
+                  gamma_max=3)
+  np.testing.assert_array_equal(np.asarray(sp.tokens_BxM), np.asarray(ar.tokens_BxM))
   obj = build(config, None)  # no mesh: unconstrained modules for a one-row reference
   x = jnp.asarray([prompts[0]], jnp.int32)
   seg, pos = packing.segment_ids_and_positions(np.asarray(x), run.eos_id)

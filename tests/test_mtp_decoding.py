@@ -41,7 +41,7 @@ def _head_logits(obj, params, x_BxT, seg_BxT, pos_BxT):
 
 def _all_head_logits(obj, params, tokens_BxT):
   """(B, T, d+1, V): every head's logits at every position, from the objective's modules."""
-  seg, pos = packing.segment_ids_and_positions(np.asarray(tokens_BxT), EOS)
+  seg, pos = packing.segment_ids_and_positions(tokens_BxT, EOS)
   return _head_logits(obj, params, jnp.asarray(tokens_BxT), seg, pos)
 
 
@@ -60,16 +60,17 @@ def test_cached_model_equals_the_objective_forward(model):
       params, cfg, jnp.asarray(tokens[:, :4]), jnp.full((B,), 4), jax.random.PRNGKey(0), sampling=GREEDY,
       eos_id=EOS, size=16, use_cache=True, head=head)[:2]
   # append the last two tokens as a block through the cached call
-  h2, _ = head.extend(params, cfg, cache, jnp.asarray(tokens[:, 4:]), EOS)
-  ref = _all_head_logits(obj, params, tokens)
+  h2, _ = jax.jit(head.extend, static_argnums=(1, 4))(params, cfg, cache, jnp.asarray(tokens[:, 4:]), EOS)
+  ref = jax.jit(lambda p, t: _all_head_logits(obj, p, t))(params, jnp.asarray(tokens))
   ours = jnp.stack([jnp.einsum("btd,dv->btv", h2[..., i * D:(i + 1) * D], params["trunk"]["head"])
                     for i in range(HORIZON + 1)], axis=2)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref[:, 4:]), atol=2e-5)
   np.testing.assert_allclose(np.asarray(head.logits(params, h, None)), np.asarray(ref[:, 3, 0]), atol=2e-5)
   # the objective's drafting function agrees at the last position
   seg, pos = packing.segment_ids_and_positions(tokens, EOS)
-  z = obj.modules["trunk"].apply({"params": params["trunk"]}, jnp.asarray(tokens), seg, pos)[0]
-  np.testing.assert_allclose(np.asarray(mtp.draft_logits(obj.modules, params, z, seg, pos)),
+  drafts = jax.jit(lambda p, x, seg, pos: mtp.draft_logits(
+      obj.modules, p, obj.modules["trunk"].apply({"params": p["trunk"]}, x, seg, pos)[0], seg, pos))
+  np.testing.assert_allclose(np.asarray(drafts(params, jnp.asarray(tokens), seg, pos)),
                              np.asarray(ref[:, -1]), atol=2e-5)
 
 
