@@ -94,8 +94,8 @@ def contract_fields(tokens_BxL: np.ndarray, valid_BxL: np.ndarray, eos: int, pad
 def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = None, params: Any = None
               ) -> tuple[Any, Any]:
   """jit(grad(loss)) of `config`'s objective on `mesh` with the run's param and batch shardings, for
-  `batch` (host arrays), at `params` (host arrays; default the init of PRNGKey(0)): (gradients, params),
-  both on the host. `param_sharding_fn` (tests) may alter the param shardings."""
+  `batch` (host arrays), at `params` (host arrays; default `host_params`): (gradients, params), both on
+  the host. `param_sharding_fn` (tests) may alter the param shardings."""
   rules = sharding.logical_rules(config)
   objective = objectives.build(config, mesh)
   boxed = jax.eval_shape(objective.init, jax.random.PRNGKey(0))
@@ -104,16 +104,26 @@ def gradients(config: Any, mesh: Mesh, batch: dict, param_sharding_fn: Any = Non
     param_sh = param_sharding_fn(param_sh)
   batch_sh = sharding.batch_sharding(mesh, rules)
   rep = sharding.replicated(mesh)
-  if params is None:
-    placed_params = jax.jit(lambda r: nn.unbox(objective.init(r)), out_shardings=param_sh)(jax.random.PRNGKey(0))
-  else:  # one init for both meshes: a compile less
-    placed_params = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i, v=v: v[i]),
-                                 params, param_sh)
+  params = host_params(boxed, float(config.model.init_std)) if params is None else params
+  placed_params = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i, v=v: v[i]),
+                               params, param_sh)
   grad_fn = jax.jit(jax.grad(lambda p, b, r: objective.loss(p, b, r)[0]),
                     in_shardings=(param_sh, {k: batch_sh for k in batch}, rep), out_shardings=rep)
   placed = {k: jax.make_array_from_callback(v.shape, batch_sh, lambda i, v=v: v[i]) for k, v in batch.items()}
   grads = grad_fn(placed_params, placed, jax.device_put(jax.random.PRNGKey(1), rep))
-  return jax.device_get(grads), (jax.device_get(placed_params) if params is None else params)
+  return jax.device_get(grads), params
+
+
+def host_params(abstract_boxed: Any, std: float, seed: int = 0) -> Any:
+  """Parameters drawn on the host for the abstract tree (no compiled init: a compile less per mesh):
+  norm scales 1, every other leaf N(0, std). Random, not the model's init, which the canary needs no more
+  than a nonzero gradient everywhere."""
+  rng = np.random.default_rng(seed)
+  def draw(path, a):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return np.ones(a.shape, a.dtype)
+    return (std * rng.standard_normal(a.shape)).astype(a.dtype)
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_boxed))
 
 
 def relative_errors(grads: Any, reference: Any) -> dict[str, float]:
