@@ -29,7 +29,7 @@ import belief_state as bs  # noqa: E402  (experiments/belief_state.py: configs a
 from nextlat_jax import info  # noqa: E402
 from nextlat_jax.bench.step import machine_info  # noqa: E402
 from nextlat_jax.eval import run as eval_run  # noqa: E402
-from nextlat_jax.train import preflight, trainer  # noqa: E402
+from nextlat_jax.train import metrics_writer, preflight, trainer  # noqa: E402
 
 # (name, label, configs/hmm_belief.py argument, dotted overrides); the order is the drop order (from the end).
 VARIANTS = (
@@ -64,12 +64,8 @@ def variant_config(arg: str, overrides: dict, args: argparse.Namespace):
 
 def train_ce_tail(workdir: str, steps: int, window: int) -> tuple[float, int]:
   """Mean of the logged per-step train CE over the last `window` steps (and how many logs it averages)."""
-  ces = []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      rec = json.loads(line)
-      if "ce" in rec and rec["step"] > steps - window:
-        ces.append(rec["ce"])
+  history = metrics_writer.read_history(os.path.join(workdir, "metrics.jsonl"))
+  ces = [v for step, v in history["ce"] if step > steps - window]
   return sum(ces) / len(ces), len(ces)
 
 

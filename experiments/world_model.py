@@ -8,7 +8,6 @@ numbers and the true world model. Writes experiments/results_world_model.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from nextlat_jax.data.tasks import walks as walks_lib  # noqa: E402
 from nextlat_jax.data.tasks.manhattan import heldout_mask  # noqa: E402
 from nextlat_jax.eval import run as eval_run  # noqa: E402
 from nextlat_jax.eval.metrics import world_model as wm  # noqa: E402
-from nextlat_jax.train import trainer  # noqa: E402
+from nextlat_jax.train import metrics_writer, trainer  # noqa: E402
 
 SETTINGS = dict(num_pairs=640, next_token_walks=500, compression_trials=50, detour_trials=100)  # CPU budget
 PAPER = {  # Table 1 (d = 8): next-token, valid traj., compression, effective rank, detours (75%)
@@ -120,11 +119,11 @@ def main() -> None:
     res = eval_run.evaluate_task(workdir, args.steps, None, None, show_progress=False,
                                  options={"world_model": SETTINGS})
     t2 = time.time()
-    final = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if "eval_ce" in l][-1]
+    final_eval_ce = metrics_writer.read_history(os.path.join(workdir, "metrics.jsonl"))["eval_ce"][-1][1]
     rows[f"{'GPT' if objective == 'gpt' else f'NextLat d={args.horizon}'} (ours, 0.1M, 8x8 grid)"] = {
         **res["street_grid"], "erank": res["rank"]["erank"]}
     info[objective] = dict(train_s=round(t1 - t0) if trained else "(checkpoint reused)", eval_s=round(t2 - t1),
-                           eval_ce=final["eval_ce"],
+                           eval_ce=final_eval_ce,
                            erank_mean=res["rank"]["erank_mean_over_batches"])
   data_cfg = config("gpt", args.steps, args.horizon).data
   rows["True world model (ours, oracle)"] = oracle_row(

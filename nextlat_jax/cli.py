@@ -20,8 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "train --config=configs/x.py --workdir=DIR [--config.model.n_layer=2 ...]\n"
               "resumes from DIR's newest valid checkpoint; SIGTERM saves and exits 0"),
     "eval": ("nextlat_jax.eval.cli:command",
-             "eval --workdir=DIR [--step=N]: restore the parameters only, on this machine's devices,\n"
-             "and report held-out metrics (also written to DIR/eval_<step>.json)"),
+             "eval --workdir=DIR [--step=N] [--metrics=default|all|NAME,...]: restore the parameters only, on\n"
+             "this machine's devices: held-out loss / perplexity and effective rank (DIR/eval_<step>.json);\n"
+             "--metrics=all adds the task's metrics (DIR/eval/)"),
     "prepare": ("nextlat_jax.data.prepare_cli:main", "prepare --input=... --output=DIR: tokenize + pack a corpus into ArrayRecord shards"),
     "generate": ("nextlat_jax.decoding.cli:generate", "generate --workdir=DIR --prompt=... [--speculative --policy=...]: sample from a run (KV cache; self-speculative with --speculative)"),
     "info": ("nextlat_jax.info:main", "info --config=...: parameter counts (training / inference) and FLOPs per token, as JSON"),
@@ -31,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("nextlat_jax.sweep:main",
               "sweep --config=... --sweep=configs/sweeps/x.py --workdir=BASE [--dry_run] [--launcher=local|slurm]:\n"
               "expand a product / zip of overrides into named runs and launch them"),
-    "bench": ("nextlat_jax.bench:main", "bench step --config=...: GPT vs NextLat d=1,2,8 train-step time and FLOP ratios"),
+    "bench": ("nextlat_jax.bench:main", "bench step|decode|checkpoint|data ...: train-step time vs FLOPs (GPT vs NextLat d=1,2,8),\n"
+              "decoding speed, checkpoint and data throughput (`nextlat bench --help` lists their settings)"),
     "lm-eval": ("nextlat_jax.interop.lm_eval_backend:lm_eval_command", "lm-eval --workdir=DIR --tasks=lambada_openai,piqa [--limit=N]: lm-evaluation-harness on the trunk (DIR/lm_eval/results_step<N>.json)"),
     "export-hf": ("nextlat_jax.interop.export_hf:export_command", "export-hf --workdir=DIR --out=HF_DIR [--step=N]: the trunk as a Hugging Face LlamaForCausalLM folder"),
     "import-hf": ("nextlat_jax.interop.import_hf:import_command", "import-hf --hf_dir=HF_DIR --out=DIR --config=...: a step-0 checkpoint whose trunk is the HF Llama (start with checkpoint.restore_from=DIR)"),
@@ -108,6 +110,8 @@ def help_text(name: str, modules: list[str], subs: tuple[str, ...] = ()) -> str:
   out = [f"nextlat {COMMANDS[name][1]}", "", *(["flags:", *lines] if lines else ["(no flags)"])]
   if subs:
     out += ["", f"sub-commands: {', '.join(subs)} (`nextlat {name} <sub-command> --help` lists its flags)"]
+    describe = getattr(sys.modules.get(modules[-1]), "describe_subcommands", None)  # e.g. nextlat_jax.bench
+    out += ["", *describe()] if describe else []
   return "\n".join(out) + "\n"
 
 

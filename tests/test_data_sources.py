@@ -377,3 +377,43 @@ def test_trainer_logs_stream_counts(tmp_path):
   assert [r["step"] for r in counts] == [2, 4]
   assert counts[-1]["data_skipped"] > 0 and counts[-1]["data_invalid_utf8_replaced"] > 0
   assert counts[-1]["data_documents"] >= counts[-1]["data_invalid_utf8_replaced"]
+
+
+def test_train_refuses_too_few_prepared_rows_before_writing(prepared, tmp_path):
+  """Fewer rows than eval_rows + one batch: one-line ConfigErrors naming data.path, data.eval_rows and
+  the row count, raised before the workdir exists."""
+  import sys
+
+  from nextlat_jax import config as config_lib
+  from nextlat_jax.train import trainer
+  from tests.conftest import REPO
+  sys.path.insert(0, str(REPO / "configs"))
+  import fineweb_edu_pretok  # noqa: E402
+  rows = prepared[1]["rows"]
+  c = fineweb_edu_pretok.get_config()
+  c.data.update(path=str(prepared[0]), eval_rows=rows - 4)
+  c.model.update(d_model=32, n_layer=1, n_head=2, dtype="float32")
+  c.dynamics.hidden = 64
+  c.update(steps=2, batch_size=8, eval_every=0)
+  c.optimizer.update(warmup_steps=1, decay_steps=1)
+  c.checkpoint.every = 0
+  c.mesh.update(data=8, fsdp=1, tensor=1)
+  c.train.sharding_canary = False
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError) as e:
+    trainer.train(c, str(workdir))
+  msg = str(e.value)
+  assert "\n" not in msg and "data.num_rows=4: fewer rows than one global batch (global_batch_size=8)" in msg
+  assert f"data.path={str(prepared[0])!r}" in msg and f"data.eval_rows={rows - 4}" in msg
+  c.data.eval_rows = rows
+  with pytest.raises(config_lib.ConfigError, match=rf"data\.eval_rows={rows}: holds out all {rows} rows of "
+                                                   rf"data\.path='{prepared[0]}'"):
+    trainer.train(c, str(workdir))
+  empty = tmp_path / "empty"  # written by an older `nextlat prepare`, which accepted an empty input
+  empty.mkdir()
+  (empty / "manifest.json").write_text(json.dumps(dict(prepared[1], rows=0, tokens=0, documents=0, shards=[])))
+  c.data.update(path=str(empty), eval_rows=16)
+  with pytest.raises(config_lib.ConfigError, match=r"data\.path='.*empty': holds 0 rows \(0 documents were "
+                                                   r"prepared\); prepare more text \(data\.eval_rows=16\)$"):
+    trainer.train(c, str(workdir))
+  assert not workdir.exists()

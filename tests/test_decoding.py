@@ -353,4 +353,39 @@ def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
   for line, row, n in zip(lines, np.asarray(ar.tokens_BxM), np.asarray(ar.lengths_B)):
     assert line["output_ids"] == row[:n].tolist()
     assert line["output"] == " ".join(tok.decode(row[:n]))
+    assert line["text"] == " ".join(tok.decode(line["prompt_ids"] + line["output_ids"]))
+    assert line["new_tokens"] == n and line["tokens_per_sec"] > 0 and line["rounds"] >= 1
   assert lines[3]["rounds"] > 0 and lines[3]["mode"] == "A"
+  assert lines[3]["rounds"] == sum(line["rounds"] for line in lines[:3])
+  assert lines[3]["tokens"] == sum(line["new_tokens"] for line in lines[:3])
+  assert 0 <= lines[3]["accepted_per_round"] <= 1  # gamma 2 in mode A: at most one drafted token per round
+  assert lines[3]["tokens_per_round"] == pytest.approx(lines[3]["tokens"] / lines[3]["rounds"])
+  assert lines[3]["tokens_per_sec"] > 0 and lines[3]["compile_s"] > 0
+
+
+def test_generate_text_prompt_on_a_bpe_run(capsys):
+  """`nextlat generate --prompt=TEXT` on a run whose data names a trained BPE: the JSON line holds the decoded
+  prompt, continuation and text, the greedy ids of cli.decode, and tokens/s."""
+  from absl import flags
+
+  import nextlat_jax.cli  # noqa: F401  (defines --workdir and --step)
+  from nextlat_jax.decoding import cli
+  from nextlat_jax.run import load_run
+  from tests.text_run import shared_text_run
+  run_dir = shared_text_run()
+  argv = ["nextlat generate", f"--workdir={run_dir}", "--prompt=In the beginning", "--temperature=0",
+          "--max_new_tokens=6", "--nostop_at_eos"]
+  flags.FLAGS(argv)
+  try:
+    cli.generate(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+  (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+  run = load_run(str(run_dir))
+  tok = run.tokenizer
+  prompt = tok.encode("In the beginning")
+  out = cli.decode(run, [prompt], jax.random.PRNGKey(0), GREEDY, 6, stop_at_eos=False)
+  assert line["prompt_ids"] == prompt and line["output_ids"] == np.asarray(out.tokens_BxM)[0, :6].tolist()
+  assert line["prompt"] == "In the beginning" and line["output"] == tok.decode(line["output_ids"])
+  assert line["text"] == tok.decode(prompt + line["output_ids"]) and line["text"].startswith("In the beginning")
+  assert line["new_tokens"] == 6 and line["tokens_per_sec"] > 0 and line["decode_s"] > 0

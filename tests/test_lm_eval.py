@@ -207,3 +207,84 @@ def test_command_on_a_sharded_checkpoint(tmp_path):
   assert results["results"]["toy_mc"]["acc,none"] == pytest.approx(acc)
   assert results["results"]["toy_mc"]["acc_norm,none"] == pytest.approx(acc_norm)
   assert results["config"]["nextlat_step"] == 3
+
+
+def _lm_eval(argv, capsys=None):
+  from absl import flags
+
+  import nextlat_jax.cli  # noqa: F401  (defines --workdir and --step)
+  argv = ["nextlat lm-eval", *argv]
+  flags.FLAGS(argv)
+  try:
+    lm_eval_backend.lm_eval_command(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def _rolling_ll(trunk, cfg, tok, text, max_len):
+  """The harness's rolling log-likelihood of `text` (disjoint windows of max_len, EOS first) by hand."""
+  ids = [int(t) for t in tok.encode(text)]
+  windows = [lm_utils.make_disjoint_window(w) for w in
+             lm_utils.get_rolling_token_windows(ids, tok.eos_id, max_len, 1)]
+  return sum(_direct(trunk, cfg, c, p, max_len, tok.eos_id)[0] for c, p in windows)
+
+
+def test_local_text_task_runs_offline_with_the_runs_tokenizer():
+  """configs/lm_eval's local perplexity task on a BPE text run (tokenizer from the run's data config,
+  --max_length overriding the run's 16): perplexities equal the rolling log-likelihoods by hand."""
+  import math
+  import re
+
+  from nextlat_jax.interop import hf_config
+  from nextlat_jax.run import load_run
+  from tests.conftest import REPO
+  from tests.text_run import shared_text_run
+  run_dir = shared_text_run()
+  _lm_eval([f"--workdir={run_dir}", f"--include_path={REPO / 'configs' / 'lm_eval'}", "--tasks=nextlat_local_text",
+            "--max_length=12", "--lm_eval_batch_size=4"])
+  results = json.loads((run_dir / "lm_eval" / "results_step2.json").read_text())["results"]["nextlat_local_text"]
+  run = load_run(str(run_dir))
+  trunk, tok = hf_config.llama_trunk(run), run.tokenizer
+  docs = [json.loads(line)["text"] for line in (REPO / "configs/lm_eval/local_text.jsonl").read_text().splitlines()]
+  lls = [_rolling_ll(trunk, run.cfg, tok, d, 12) for d in docs]
+  words = sum(len(re.split(r"\s+", d)) for d in docs)
+  n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+  assert results["word_perplexity,none"] == pytest.approx(math.exp(-sum(lls) / words), rel=1e-4)
+  assert results["byte_perplexity,none"] == pytest.approx(math.exp(-sum(lls) / n_bytes), rel=1e-4)
+  assert results["bits_per_byte,none"] == pytest.approx(-sum(lls) / n_bytes / math.log(2), rel=1e-4)
+  # the override mattered: the run's own context (16) gives other windows, another log-likelihood
+  assert abs(_rolling_ll(trunk, run.cfg, tok, docs[0], 16) - lls[0]) > 1e-3
+
+
+def test_task_whose_dataset_is_not_here_is_one_line(tmp_path, capsys, monkeypatch):
+  """Offline (HF_DATASETS_OFFLINE, an empty datasets cache), a Hub task: exit 2, one line naming the task
+  and how to make its data available, no traceback."""
+  import datasets
+  import huggingface_hub
+
+  from tests.text_run import shared_text_run
+  for module in (datasets.config, huggingface_hub.constants):
+    monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")
+  (tmp_path / "remote.yaml").write_text("""task: remote_lambada
+dataset_path: EleutherAI/lambada_openai
+dataset_name: default
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' '+text.split(' ')[-1]}}"
+metric_list:
+  - metric: acc
+""")
+  with pytest.raises(SystemExit) as e:
+    _lm_eval([f"--workdir={shared_text_run()}", f"--include_path={tmp_path}", "--tasks=remote_lambada"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  (line,) = [x for x in err.splitlines() if x.startswith("nextlat lm-eval:")]
+  assert "Traceback" not in err
+  assert "task remote_lambada:" in line and "EleutherAI/lambada_openai" in line
+  assert "HF_DATASETS_OFFLINE=1" in line and "--include_path" in line
+  with pytest.raises(SystemExit):  # an unknown task name: one line too
+    _lm_eval([f"--workdir={shared_text_run()}", f"--include_path={tmp_path}", "--tasks=no_such_task"])
+  assert "unknown task no_such_task" in capsys.readouterr().err

@@ -175,3 +175,136 @@ def test_cli_prepare(tmp_path):
   bad = subprocess.run(cmd[:4] + [f"--input={tmp_path}/none.jsonl"] + cmd[5:], capture_output=True,
                        text=True, timeout=120)
   assert bad.returncode == 2 and "none.jsonl: no corpus files found" in bad.stderr
+
+
+# --- empty / too-small input; the folder's own tokenizer copy -------------------------------------
+
+def _tree(directory) -> dict:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_empty_or_too_small_input_is_refused_before_writing(corpus, tmp_path):
+  empty = tmp_path / "empty.parquet"
+  pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+  with pytest.raises(ValueError, match=r"^0 documents read from .*empty\.parquet; nothing to prepare$"):
+    run(empty, tmp_path / "new")
+  assert not (tmp_path / "new").exists()
+  blank = tmp_path / "blank.jsonl"
+  blank.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": "  "}) + "\n")
+  with pytest.raises(ValueError, match=r"0 documents read from .*blank\.jsonl \(2 empty ones skipped\)"):
+    run(blank, tmp_path / "new")
+  small = tmp_path / "small.jsonl"
+  small.write_text(json.dumps({"text": "Hello world"}) + "\n")  # 2 tokens + EOS < one row of 17
+  with pytest.raises(ValueError, match=r"1 documents read from .*small\.jsonl give at most 3 tokens per shard"
+                                       r" .*fewer than one row of seq_len \+ 1 = 17"):
+    run(small, tmp_path / "new")
+  assert not (tmp_path / "new").exists()
+  assert run(small, tmp_path / "tiny", seq_len=2)["rows"] == 1  # 3 tokens: one row of 3
+  d, _ = corpus
+  out = tmp_path / "out"
+  run(d, out)
+  before = _tree(out)
+  with pytest.raises(ValueError, match=r"0 documents read from"):
+    run(empty, out)
+  assert _tree(out) == before  # an existing output untouched
+
+
+def test_cli_prepare_empty_input_and_no_tokenizer_are_one_line(tmp_path, monkeypatch, capsys):
+  """In process: exit 2 and one line on stderr, for empty input and for GPT-2 files found nowhere."""
+  from nextlat_jax.data import prepare_cli
+  empty = tmp_path / "empty.parquet"
+  pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+
+  def main(*args: str) -> str:
+    prepare_cli.FLAGS(["prepare", *args, "--workers=1"])
+    try:
+      with pytest.raises(SystemExit) as e:
+        prepare_cli.main([])
+    finally:
+      prepare_cli.FLAGS.unparse_flags()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+  assert "0 documents read from" in main(f"--input={empty}", f"--output={tmp_path / 'o'}",
+                                         f"--tokenizer_path={GPT2_DIR}")
+  monkeypatch.setattr(tokenizers, "bundled_gpt2_dir", lambda: str(tmp_path / "nothing"))
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "nothing"))
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "nothing"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  tokenizers.load.cache_clear()
+  try:
+    err = main(f"--input={empty}", f"--output={tmp_path / 'o'}")  # the tokenizer is refused first
+  finally:
+    tokenizers.load.cache_clear()
+  assert err.startswith("prepare: the GPT-2 tokenizer needs encoder.json + vocab.bpe") and "--tokenizer_path" in err
+  assert not (tmp_path / "o").exists()
+
+
+def _config_for(folder):
+  import ml_collections
+
+  from nextlat_jax.data.sources import pretokenized
+  data = pretokenized.default_data_config()
+  data.update(path=str(folder), eval_rows=1)
+  return ml_collections.ConfigDict(dict(data=data))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_prepared_folder_keeps_its_tokenizer_and_can_move(kind, tmp_path):
+  import shutil
+
+  from nextlat_jax.run import run_tokenizer
+  texts = docs(30, 4)
+  src = tmp_path / "c.jsonl"
+  src.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+  if kind == "bpe":
+    path = str(tmp_path / "elsewhere" / "my_bpe.json")
+    os.makedirs(os.path.dirname(path))
+    tokenizers.BPETokenizer.train(texts, vocab_size=300).save(path)
+    files = {"tokenizer.json": path}
+  else:
+    path = GPT2_DIR
+    files = {f"tokenizer/{f}": os.path.join(GPT2_DIR, f) for f in ("encoder.json", "vocab.bpe")}
+  out = tmp_path / "out"
+  m = prepare_lib.prepare(str(src), str(out), seq_len=SEQ, tokenizer=kind, tokenizer_path=path, progress=False)
+  assert (m["tokenizer"], m["tokenizer_copy"]) == (kind, next(iter(files)).split("/")[0])
+  for copy, orig in files.items():
+    assert (out / copy).read_bytes() == open(orig, "rb").read()
+  if kind == "gpt2":
+    assert json.loads((out / "tokenizer" / "special_tokens.json").read_text()) == {"<|endoftext|>": 50256}
+  want = tokenizers.load(kind, path)
+  text = texts[0] + " Zebra 42!"
+  moved = tmp_path / "moved"
+  shutil.move(str(out), str(moved))
+  if kind == "bpe":
+    os.remove(path)  # only the copy is left
+  tok = run_tokenizer(_config_for(moved))
+  assert tok is not None and tok.name == kind
+  ids = tok.encode(text)
+  assert ids == want.encode(text) and tok.decode(ids) == text
+  # The shards hold the tokens of the copy.
+  stream = shard_rows(moved, m["shards"][0]["file"]).reshape(-1).tolist()
+  assert stream == [t for x in texts for t in tok.encode(x) + [tok.eos_id]][:len(stream)]
+
+
+def test_older_manifest_falls_back_to_its_absolute_tokenizer_path(tmp_path):
+  import shutil
+
+  from nextlat_jax.data.sources import pretokenized
+  src = tmp_path / "c.jsonl"
+  src.write_text("\n".join(json.dumps({"text": t}) for t in docs(20, 5)) + "\n")
+  out = tmp_path / "out"
+  m = prepare_lib.prepare(str(src), str(out), seq_len=SEQ, tokenizer_path=GPT2_DIR, progress=False)
+  del m["tokenizer_copy"]
+  (out / "manifest.json").write_text(json.dumps(m))
+  pretokenized._manifest.cache_clear()  # the same mtime on a coarse-clock file system
+  shutil.rmtree(out / "tokenizer")
+  source = pretokenized.make_source(_config_for(out).data, split="eval", seed=0)
+  assert source.tokenizer.encode("Hello world") == [15496, 995]
+  m["tokenizer_path"] = str(tmp_path / "gone")
+  (out / "manifest.json").write_text(json.dumps(m))
+  pretokenized._manifest.cache_clear()
+  with pytest.raises(ValueError, match=r"tokenizer_path=.*gone.*encoder\.json not found"):
+    pretokenized.make_source(_config_for(out).data, split="eval", seed=0).tokenizer

@@ -3,6 +3,7 @@ hand computations, plots, and `nextlat eval` on a tiny trained checkpoint end to
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from nextlat_jax.eval import plots, run
 from nextlat_jax.eval.metrics import perplexity as ppl
 from nextlat_jax.eval.metrics import probes
 from nextlat_jax.eval.metrics import rank
+from nextlat_jax.run import load_run
 from tests.conftest import REPO
 
 
@@ -178,6 +180,22 @@ def test_plots_write_pngs(tmp_path):
 
 # ---- nextlat eval end to end ----
 
+def test_orbax_read_only_notices_are_dropped(tmp_path, caplog):
+  """A restore-only manager is read-only by design: Orbax's notice about it never reaches a handler,
+  whatever absl's level (outside checkpoint._quiet_absl too)."""
+  import logging
+
+  import orbax.checkpoint as ocp
+  from nextlat_jax.train import checkpoint  # installs the filter
+  assert checkpoint._READ_ONLY_NOTICE in logging.getLogger("absl").filters
+  with caplog.at_level(logging.INFO, logger="absl"):
+    ocp.CheckpointManager(str(tmp_path), options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    logging.getLogger("absl").warning("an unrelated warning is kept")
+  messages = [r.getMessage() for r in caplog.records]
+  assert "an unrelated warning is kept" in messages
+  assert not [m for m in messages if "read only" in m], messages
+
+
 def test_nextlat_eval_writes_task_json_and_pngs(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -188,11 +206,16 @@ def test_nextlat_eval_writes_task_json_and_pngs(tmp_path):
                                "--config.steps=20", "--config.checkpoint.every=10"] + tiny,
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = subprocess.run(cli + ["eval", f"--workdir={tmp_path}", "--num_samples=2", "--eval_batch_size=32",
-                               "--rank_batches=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cli + ["eval", f"--workdir={tmp_path}", "--metrics=all", "--num_samples=2",
+                               "--eval_batch_size=32", "--rank_batches=1"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not [ln for ln in proc.stderr.splitlines() if "read only" in ln], proc.stderr  # Orbax's notices
   held_out, tasks = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
   assert held_out["step"] == 20 and (tmp_path / "eval_20.json").exists()
+  assert held_out["eval_perplexity"] == pytest.approx(math.exp(held_out["eval_ce"]), rel=1e-12)
+  for bar in ("next-token test", "valid trajectories", "compression (reference)", "effective rank"):
+    assert re.search(re.escape(bar) + r": 100%.*<00:00", proc.stderr), bar  # a progress bar with ETA
   wm = json.loads((tmp_path / "eval" / "street_grid.json").read_text())
   assert wm["step"] == 20 and wm["valid_pairs"] == 2 and wm["compression_reference_trials"] == 2
   for key in ("next_token_test", "valid_reached_end", "valid_legal", "detour_random_valid"):
@@ -203,6 +226,18 @@ def test_nextlat_eval_writes_task_json_and_pngs(tmp_path):
     assert (tmp_path / "eval" / png).stat().st_size > 1000
   with pytest.raises(ValueError, match="--task='nope': no metrics registered"):
     run.metric_function("nope")
+
+  # --metrics: default is effective rank only; NAME,... runs those families of the task, nothing else
+  (tmp_path / "eval" / "street_grid.json").unlink()
+  loaded = load_run(str(tmp_path))
+  out = run.task_metrics(loaded, None, 2, batch_size=32, rank_batches=1, show_progress=False, metrics="default")
+  assert set(out) == {"rank"} and out["rank"]["erank"] == pytest.approx(r["erank"], rel=1e-4)
+  assert not (tmp_path / "eval" / "street_grid.json").exists()
+  out = run.task_metrics(loaded, None, 2, batch_size=32, show_progress=False, metrics="valid_trajectories")
+  assert set(out) == {"street_grid"} and out["street_grid"]["valid_legal"] == wm["valid_legal"]
+  assert not any(k.startswith(("next_token", "compression", "detour")) for k in out["street_grid"])
+  with pytest.raises(ValueError, match="unknown metric detour; .* rank, next_token, valid_trajectories"):
+    run.task_metrics(loaded, metrics="detour")
 
   # in process (8 fake devices): token perplexity on the held-out rows the trainer's eval reads, and
   # probes against the run itself as the reference (the CE difference is then exactly 0)

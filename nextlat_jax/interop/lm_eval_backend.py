@@ -11,8 +11,8 @@ first stop sequence. The model is params["trunk"] alone (the paper's inference m
 Layout: every input row follows the batch contract (nextlat_jax.data.packing): its first token has
 position 1, an EOS starts a document (position 0), so EOS-prefixed windows read as fresh documents.
 Static shapes: rows are scored `batch_size` at a time (short batches padded), the row width is the next
-power of two >= the longest row (at least `min_bucket`, at most `max_length` = the run's seq_len), and
-inputs longer than `max_length` are cut on the left as HFLM cuts them. One compile per width.
+power of two >= the longest row (at least `min_bucket`, at most `max_length`: by default the run's trained
+context, data.seq_len or the prepared manifest's; --max_length overrides it), and inputs longer than `max_length` are cut on the left as HFLM cuts them. One compile per width.
 Word-level tokenizers whose `decode` returns a word list (the street-grid data) decode to
 " " + " ".join(words), the text a continuation has after its context.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -41,6 +42,8 @@ except ImportError:  # the optional extra; the command explains how to install i
   lm_utils = model_utils = None
   TemplateLM = object
 
+INSTALL_HINT = ("lm-eval is not installed: pip install -e '.[lmeval]' in the nextlat_jax checkout "
+                "(or pip install lm-eval==0.4.13)")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tasks", None, "lm-eval: comma-separated harness task names, e.g. lambada_openai,piqa.")
 flags.DEFINE_integer("num_fewshot", None, "lm-eval: few-shot examples (default: the task's, else 0).")
@@ -53,6 +56,8 @@ flags.DEFINE_string("lm_eval_mesh", None, "lm-eval: 'D,F,T' data,fsdp,tensor mes
 flags.DEFINE_string("lm_eval_tokenizer", None, "lm-eval: tokenizer name (gpt2 | bpe) when the run's data has none "
                     "(e.g. pretokenized shards).")
 flags.DEFINE_string("lm_eval_tokenizer_path", "", "lm-eval: files of --lm_eval_tokenizer.")
+flags.DEFINE_integer("max_length", None, "lm-eval: the longest input in tokens (default: the run's trained "
+                     "context, data.seq_len or the prepared manifest's); longer inputs are cut on the left.")
 flags.DEFINE_bool("log_samples", False, "lm-eval: also write every request and response into the results JSON.")
 
 
@@ -73,7 +78,7 @@ class NextLatLM(TemplateLM):
                pad_id: int = 0, batch_size: int = 16, max_gen_toks: int = 256, mesh: jax.sharding.Mesh | None = None,
                rules: tuple = (), min_bucket: int = 16, seed: int = 0, info: dict | None = None):
     if lm_utils is None:
-      raise ImportError("lm-eval is not installed: pip install 'nextlat_jax[lmeval]' (lm-eval==0.4.13)")
+      raise ImportError(INSTALL_HINT)
     super().__init__()
     if max_length < 2 or batch_size < 1:
       raise ValueError(f"max_length={max_length}, batch_size={batch_size}: need max_length >= 2, batch_size >= 1")
@@ -95,9 +100,9 @@ class NextLatLM(TemplateLM):
 
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None, *, mesh: dict | None = None, tokenizer: Any = None,
-               **kwargs: Any) -> NextLatLM:
+               max_length: int | None = None, **kwargs: Any) -> NextLatLM:
     """The trunk of `workdir`'s checkpoint (nextlat_jax.run.load_run onto `mesh`, e.g. {"fsdp": 2});
-    the tokenizer defaults to the run's."""
+    the tokenizer defaults to the run's, max_length to its trained context (row length - 1 = data.seq_len)."""
     from nextlat_jax.interop import hf_config
     from nextlat_jax.run import load_run
     run = load_run(workdir, step, mesh)
@@ -109,7 +114,7 @@ class NextLatLM(TemplateLM):
     info = {"nextlat_workdir": os.path.abspath(workdir), "nextlat_step": run.step,
             "nextlat_objective": run.config.objective.name}
     return cls(trunk, run.cfg, tok, eos_id=run.eos_id, pad_id=run.pad_id,
-               max_length=int(run.config.data.seq_len), mesh=run.mesh, rules=run.rules, info=info, **kwargs)
+               max_length=int(max_length or run.row_len - 1), mesh=run.mesh, rules=run.rules, info=info, **kwargs)
 
   @property
   def eot_token_id(self) -> int:
@@ -253,18 +258,53 @@ def _mesh_flag(value: str | None) -> dict | None:
   return {"data": d, "fsdp": f, "tensor": t}
 
 
-def evaluate(lm: NextLatLM, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
-             limit: float | None = None, log_samples: bool = False) -> dict:
-  """lm_eval.simple_evaluate on `lm`: the tasks under include_path, else also the built-in ones (whose
-  index takes ~20 s to build, so it is skipped when include_path holds every task)."""
-  import lm_eval
+def _dataset_unavailable(e: Exception, tasks: list[str], manager: Any) -> str:
+  """One line for a task whose dataset cannot be loaded here: which task, and how to make it available."""
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  found = re.search(r"'([^']+)'", first)
+  path = found.group(1) if found else ""
+
+  def mentions(name: str) -> bool:
+    entry = manager.task_index.get(name)
+    yaml_path = getattr(entry, "yaml_path", None)
+    return bool(path and yaml_path and os.path.isfile(yaml_path) and path in open(yaml_path, encoding="utf-8").read())
+
+  names = [t for t in tasks if mentions(t)] or tasks
+  return (f"task {','.join(names)}: its dataset is not available on this machine ({type(e).__name__}: {first}); "
+          "download it once where the Hub is reachable into the Hugging Face datasets cache (HF_HOME / "
+          "HF_DATASETS_CACHE, then run with HF_DATASETS_OFFLINE=1), or evaluate a local task: "
+          "--include_path=DIR of task YAMLs with local data (e.g. configs/lm_eval, task nextlat_local_text)")
+
+
+def task_manager(tasks: list[str], include_path: str | None = None) -> Any:
+  """The harness's TaskManager for `tasks`: the tasks under include_path, else also the built-in ones (whose
+  index takes ~20 s to build, so it is skipped when include_path holds every task). An unknown task name
+  raises a one-line ValueError (before any model is loaded)."""
   from lm_eval.tasks import TaskManager
   manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
   if manager is None or not set(tasks) <= set(manager.all_tasks):
     manager = TaskManager(include_path=include_path)
+  known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
+  unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]  # a YAML path is a task too
+  if unknown:
+    raise ValueError(f"--tasks: unknown task {','.join(unknown)} (`lm_eval ls tasks` lists the built-in ones; "
+                     "--include_path=DIR adds a folder of task YAMLs, e.g. configs/lm_eval)")
+  return manager
+
+
+def evaluate(lm: NextLatLM, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
+             limit: float | None = None, log_samples: bool = False, manager: Any = None) -> dict:
+  """lm_eval.simple_evaluate on `lm` (`manager`: task_manager(tasks, include_path) unless given). A task
+  whose dataset cannot be loaded here (offline, not in the HF datasets cache, a missing local file) raises
+  a one-line ValueError naming the task and how to make it available."""
+  import lm_eval
+  manager = manager or task_manager(tasks, include_path)
   limit = int(limit) if limit is not None and limit >= 1 else limit
-  return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
-                                 num_fewshot=num_fewshot, limit=limit, log_samples=log_samples)
+  try:
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                   num_fewshot=num_fewshot, limit=limit, log_samples=log_samples)
+  except (ConnectionError, FileNotFoundError) as e:  # datasets: no network / not cached / no local file
+    raise ValueError(_dataset_unavailable(e, tasks, manager)) from None
 
 
 def lm_eval_command(argv: list[str]) -> None:
@@ -274,18 +314,19 @@ def lm_eval_command(argv: list[str]) -> None:
     raise app.UsageError("lm-eval needs --workdir and --tasks")
   try:
     if lm_utils is None:
-      raise ValueError("lm-eval is not installed: pip install 'nextlat_jax[lmeval]' (lm-eval==0.4.13)")
+      raise ValueError(INSTALL_HINT)
     if jax.process_count() > 1:
       raise ValueError("lm-eval runs in one process (on any mesh of its local devices), not with --distributed")
     tok = None
     if FLAGS.lm_eval_tokenizer:
       from nextlat_jax.data import tokenizers
       tok = tokenizers.load(FLAGS.lm_eval_tokenizer, FLAGS.lm_eval_tokenizer_path)
-    lm = NextLatLM.from_run(FLAGS.workdir, FLAGS.step, mesh=_mesh_flag(FLAGS.lm_eval_mesh), tokenizer=tok,
-                            batch_size=FLAGS.lm_eval_batch_size, max_gen_toks=FLAGS.max_gen_toks)
     tasks = [t.strip() for t in FLAGS.tasks.split(",") if t.strip()]
+    manager = task_manager(tasks, FLAGS.include_path)
+    lm = NextLatLM.from_run(FLAGS.workdir, FLAGS.step, mesh=_mesh_flag(FLAGS.lm_eval_mesh), tokenizer=tok,
+                            max_length=FLAGS.max_length, batch_size=FLAGS.lm_eval_batch_size, max_gen_toks=FLAGS.max_gen_toks)
     results = evaluate(lm, tasks, include_path=FLAGS.include_path, num_fewshot=FLAGS.num_fewshot,
-                       limit=FLAGS.limit, log_samples=FLAGS.log_samples)
+                       limit=FLAGS.limit, log_samples=FLAGS.log_samples, manager=manager)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"nextlat lm-eval: {e}", file=sys.stderr)
     sys.exit(2)

@@ -46,6 +46,19 @@ class CheckpointMissing(ConfigError):
     super().__init__("workdir", os.path.dirname(os.path.abspath(directory)), why)
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's read-only notices ("Given directory is read only=...", "... is read only, save / delete
+  will be skipped"): a restore-only manager is read-only by design, so they are not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.replace(os.sep, "/").endswith("orbax/checkpoint/checkpoint_manager.py")
+                and "read only" in str(record.msg))
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)  # whatever absl's level (some scripts set INFO)
+
+
 @contextlib.contextmanager
 def _quiet_absl():
   """Orbax warns through absl on every read-only manager ("Given directory is read only"): not news."""

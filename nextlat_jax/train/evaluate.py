@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any, Callable
 
@@ -39,19 +40,28 @@ def eval_fn(run: Run) -> Callable[..., dict]:
                  in_shardings=(run.param_shardings, run.batch_sharding, rep), out_shardings=rep)
 
 
-def evaluate_run(workdir: str, step: int | None = None, eval_steps: int | None = None,
-                 mesh_overrides: dict | None = None) -> dict:
-  """Held-out metrics of a run's checkpoint; also written to DIR/eval_<step>.json."""
-  run = load_run(workdir, step, mesh_overrides, overrides={"eval_steps": eval_steps} if eval_steps else None)
+def evaluate_loaded(run: Run, eval_steps: int | None = None) -> dict:
+  """Held-out metrics of a loaded run (nextlat_jax.run.load_run) over its first `eval_steps` held-out
+  batches (default: the run's eval_steps), with eval_perplexity = exp(eval_ce); also written to
+  DIR/eval_<step>.json."""
   config = run.config
+  steps = int(eval_steps or config.eval_steps)
   eval_ds = pipeline.make_dataset(config.data, split="eval", global_batch_size=int(config.batch_size),
                                   seed=int(config.seed), process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  metrics = heldout_metrics(eval_fn(run), run.batch_sharding, run.params, eval_ds, int(config.eval_steps),
+  metrics = heldout_metrics(eval_fn(run), run.batch_sharding, run.params, eval_ds, steps,
                             jax.random.PRNGKey(config.seed))
+  if "eval_ce" in metrics:
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_ce"], 700.0))  # exp overflows past ~709
   result = {"step": run.step, **metrics}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{run.step}.json"), "w") as f:
+    with open(os.path.join(run.workdir, f"eval_{run.step}.json"), "w") as f:
       json.dump(result, f, indent=2)
-  log.info("evaluated step %d of %s: %s", run.step, workdir, result)
+  log.info("evaluated step %d of %s: %s", run.step, run.workdir, result)
   return result
+
+
+def evaluate_run(workdir: str, step: int | None = None, eval_steps: int | None = None,
+                 mesh_overrides: dict | None = None) -> dict:
+  """Held-out metrics of a run's checkpoint (loaded here; evaluate_loaded for a loaded run)."""
+  return evaluate_loaded(load_run(workdir, step, mesh_overrides), eval_steps)

@@ -65,7 +65,7 @@ def open_data(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo, bat
     train_ds = pipeline.make_dataset(config.data, split="train", **data_kw)
     eval_ds = pipeline.make_dataset(config.data, split="eval", **data_kw) if config.eval_every else None
   except (ValueError, FileNotFoundError) as e:
-    raise config_lib.ConfigError("data", config.data.get("name"), str(e)) from None
+    raise config_lib.ConfigError("data", config.data.get("name"), f"{e}{_data_keys(config.data, str(e))}") from None
   if isinstance(train_ds, grain.MapDataset):
     if len(train_ds) < int(config.steps):
       raise config_lib.ConfigError("steps", config.steps, f"the train data holds {len(train_ds) * B} rows = "
@@ -76,3 +76,10 @@ def open_data(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo, bat
     raise config_lib.ConfigError("eval_steps", config.eval_steps,
                                  f"the eval split has only {len(eval_ds)} batches of {B} rows")
   return train_ds, eval_ds, data_kw
+
+
+def _data_keys(data: ml_collections.ConfigDict, message: str) -> str:
+  """' (data.path=..., data.eval_rows=...)': the data keys a refusal of `message` does not name yet."""
+  keys = [f"data.{k}={data[k]!r}" for k in ("path", "eval_path", "eval_rows")
+          if k in data and data[k] not in ("", None) and f"data.{k}=" not in message]
+  return f" ({', '.join(keys)})" if keys else ""

@@ -7,6 +7,8 @@ of step s on process p are a pure function of (seed, s, p, process count) and a 
 step alone, on any number of processes. Only int32 tokens are stored; segment ids, positions and the
 loss mask are derived at read time (nextlat_jax.data.packing).
 
+The source's `tokenizer` is the text tokenizer of the rows (the folder's copy, named in the manifest).
+
 Eval split: the first data.eval_rows rows (0: all) of another prepared DIR `data.eval_path`, or, if
 that is empty, the LAST data.eval_rows rows of data.path, which the train split then leaves out.
 """
@@ -20,7 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from nextlat_jax.data import packing
+from nextlat_jax.data import packing, tokenizers
 from nextlat_jax.data.pipeline import SPLITS, DatasetInfo, need
 
 MANIFEST = "manifest.json"
@@ -68,6 +70,18 @@ def manifest(directory: str) -> dict:
   return _manifest(directory, mtime_ns)
 
 
+def manifest_tokenizer(directory: str) -> tokenizers.Tokenizer | None:
+  """The tokenizer of a prepared directory: its copy in the folder (manifest `tokenizer_copy`, relative,
+  so the folder can be moved), else the absolute `tokenizer_path` of older manifests, else (gpt2) the
+  installed / cached GPT-2 files; None for a manifest without a tokenizer."""
+  directory = os.path.abspath(directory)
+  m = manifest(directory)
+  if not m.get("tokenizer"):
+    return None
+  path = os.path.join(directory, m["tokenizer_copy"]) if m.get("tokenizer_copy") else m.get("tokenizer_path", "")
+  return tokenizers.load(m["tokenizer"], path)
+
+
 def info(data_cfg: ml_collections.ConfigDict) -> DatasetInfo:
   need(bool(data_cfg.path), "data.path", data_cfg.path, "give a directory written by `nextlat prepare`")
   m = manifest(data_cfg.path)
@@ -90,7 +104,8 @@ class PretokenizedSource(grain.sources.RandomAccessDataSource):
   def __init__(self, directory: str, lo: int, hi: int, *, seed: int | None, num_epochs: int,
                context_length: int | None):
     m = manifest(directory)
-    self._files = [os.path.join(os.path.abspath(directory), s["file"]) for s in m["shards"]]
+    self._directory = os.path.abspath(directory)
+    self._files = [os.path.join(self._directory, s["file"]) for s in m["shards"]]
     self._lo, self._n = lo, hi - lo
     self._row_len, self._eos = m["seq_len"] + 1, m["eos_id"]
     self._epochs, self._context_length = num_epochs, context_length
@@ -99,6 +114,11 @@ class PretokenizedSource(grain.sources.RandomAccessDataSource):
 
   def __len__(self) -> int:
     return self._n * self._epochs
+
+  @property
+  def tokenizer(self) -> tokenizers.Tokenizer | None:
+    """The text tokenizer the rows were prepared with (read on first use; see `manifest_tokenizer`)."""
+    return manifest_tokenizer(self._directory)
 
   def row_index(self, i: int) -> int:
     """The stored row (index into the prepared directory) behind source index i."""
@@ -138,7 +158,10 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int) -
   """The train split (permuted by seed, num_epochs passes) or the eval split (in order)."""
   need(split in SPLITS, "split", split, f"expected one of {SPLITS}")
   info(data_cfg)
-  rows = manifest(data_cfg.path)["rows"]
+  m = manifest(data_cfg.path)
+  rows = m["rows"]
+  need(rows > 0, "data.path", data_cfg.path,
+       f"holds 0 rows ({m.get('documents', 0)} documents were prepared); prepare more text")
   held = int(data_cfg.get("eval_rows", 0))
   need(held >= 0, "data.eval_rows", held, "must be >= 0")
   eval_path = data_cfg.get("eval_path", "")
@@ -147,7 +170,8 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int) -
     epochs = int(data_cfg.get("num_epochs", 1))
     need(epochs >= 1, "data.num_epochs", epochs, "must be >= 1")
     hi = rows if eval_path else rows - held
-    need(hi >= 1, "data.eval_rows", held, f"holds out all {rows} rows of {data_cfg.path}")
+    need(hi >= 1, "data.eval_rows", held, f"holds out all {rows} rows of data.path={data_cfg.path!r}; lower "
+         "data.eval_rows or set data.eval_path")
     return PretokenizedSource(data_cfg.path, 0, hi, seed=seed, num_epochs=epochs,
                               context_length=context_length)
   if eval_path:
@@ -157,6 +181,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, *, split: str, seed: int) -
     n = m["rows"] if held == 0 else min(held, m["rows"])
     return PretokenizedSource(eval_path, 0, n, seed=None, num_epochs=1, context_length=context_length)
   need(0 < held < rows, "data.eval_rows", held,
-       f"without data.eval_path the eval split is the last eval_rows of the {rows} rows; need 0 < eval_rows < {rows}")
+       f"without data.eval_path the eval split is the last eval_rows of the {rows} rows of "
+       f"data.path={data_cfg.path!r}; need 0 < eval_rows < {rows}")
   return PretokenizedSource(data_cfg.path, rows - held, rows, seed=None, num_epochs=1,
                             context_length=context_length)

@@ -59,6 +59,7 @@ class PackedRowsIterDataset(grain.IterDataset):
       raise ValueError(f"{name}: {len(units)} work units (row groups / files) cannot be split over "
                        f"{process_count} processes; give more files or fewer processes")
     self.units, self.read_unit = list(units), read_unit
+    tokenizers.load(tokenizer, tokenizer_path)  # missing tokenizer files: refused here, not in a reader thread
     self.tokenizer, self.tokenizer_path = tokenizer, tokenizer_path
     self.row_len, self.context_length = row_len, context_length
     self.seed, self.process_index, self.process_count = seed, process_index, process_count

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +30,8 @@ from nextlat_jax.data.tasks.manhattan import StreetGraph, WordTokenizer
 COMPRESSION_MODES = ("reference", "vafa")
 DETOUR_KINDS = ("random_valid", "least_likely", "second_most_likely")
 _REDRAWS = 100_000
+# The metric families `nextlat eval --metrics=NAME,...` chooses from (world_model_metrics' `families`).
+FAMILIES = ("next_token", "valid_trajectories", "compression", "detours")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,19 +415,30 @@ def detour_robustness(lm: LM, world: World, settings: Settings, kind: str, rng: 
 
 
 def world_model_metrics(lm: LM, world: World, walks: list[list[int]], settings: Settings = Settings(),
-                        progress: Callable = lambda it, desc=None: it) -> dict:
-  """Every world-model metric of Table 1 (plus their variants) for one model."""
-  rng = np.random.default_rng(settings.seed)
+                        progress: Callable = lambda it, desc=None: it,
+                        families: Sequence[str] = FAMILIES) -> dict:
+  """The world-model metrics of Table 1 (plus their variants) for one model: those of `families`
+  (FAMILIES: next_token, valid_trajectories, compression, detours)."""
+  unknown = sorted(set(families) - set(FAMILIES))
+  if unknown:
+    raise ValueError(f"world-model metric families {unknown}: unknown; known: {', '.join(FAMILIES)}")
+  # One random stream per family: a family's numbers do not depend on which others run.
+  pairs_rng, compression_rng, detour_rng = (np.random.default_rng([settings.seed, i]) for i in range(3))
   out = {"eval_pairs_available": int(len(world.pairs_Px2)), "max_hops": world.max_hops,
-         "epsilon": settings.epsilon, "detour_prob": settings.detour_prob}
-  out.update(next_token_test(lm, world, walks, settings.batch_size, lambda it: progress(it, "next-token test")))
-  pairs = world.pairs_Px2[rng.integers(len(world.pairs_Px2), size=settings.num_pairs)]
-  out.update(valid_trajectories(lm, world, pairs, settings.max_new_tokens, settings.batch_size,
-                                lambda it: progress(it, "valid trajectories")))
-  for mode in settings.compression_modes:
-    out.update(compression(lm, world, settings, mode, rng, lambda it, m=mode: progress(it, f"compression ({m})")))
-  for kind in settings.detour_kinds:
-    out.update(detour_robustness(lm, world, settings, kind, rng, lambda it, k=kind: progress(it, f"detours ({k})")))
+         **({"epsilon": settings.epsilon} if "compression" in families else {}),
+         **({"detour_prob": settings.detour_prob} if "detours" in families else {})}
+  if "next_token" in families:
+    out.update(next_token_test(lm, world, walks, settings.batch_size, lambda it: progress(it, "next-token test")))
+  if "valid_trajectories" in families:
+    pairs = world.pairs_Px2[pairs_rng.integers(len(world.pairs_Px2), size=settings.num_pairs)]
+    out.update(valid_trajectories(lm, world, pairs, settings.max_new_tokens, settings.batch_size,
+                                  lambda it: progress(it, "valid trajectories")))
+  for mode in settings.compression_modes if "compression" in families else ():
+    out.update(compression(lm, world, settings, mode, compression_rng,
+                           lambda it, m=mode: progress(it, f"compression ({m})")))
+  for kind in settings.detour_kinds if "detours" in families else ():
+    out.update(detour_robustness(lm, world, settings, kind, detour_rng,
+                                 lambda it, k=kind: progress(it, f"detours ({k})")))
   return out
 
 
@@ -456,9 +469,12 @@ def evaluate(run) -> dict:
   world = World(source.graph, source.tokenizer,
                 lambda o, d: heldout_mask(o, d, source.split_seed, source.heldout_fraction), settings.max_hops)
   rng = np.random.default_rng([run.seed, 1])
-  walks = [source.walk_tokens(*source.sample_walk(rng)) for _ in range(settings.next_token_walks)]
-  out = world_model_metrics(run.lm(), world, walks, settings, run.progress)
-  plots.accuracy_by_length(out["valid_reached_end_by_hops"], os.path.join(run.out_dir, "valid_by_hops.png"),
-                           title="valid trajectories (reached end)", xlabel="shortest path (hops)",
-                           ylabel="valid (%)")
+  families = FAMILIES if run.families is None else tuple(run.families)
+  n_walks = settings.next_token_walks if "next_token" in families else 0
+  walks = [source.walk_tokens(*source.sample_walk(rng)) for _ in range(n_walks)]
+  out = world_model_metrics(run.lm(), world, walks, settings, run.progress, families)
+  if "valid_reached_end_by_hops" in out:
+      plots.accuracy_by_length(out["valid_reached_end_by_hops"], os.path.join(run.out_dir, "valid_by_hops.png"),
+                             title="valid trajectories (reached end)", xlabel="shortest path (hops)",
+                             ylabel="valid (%)")
   return out
