@@ -144,7 +144,8 @@ def test_device_check_script_fits_the_batch_on_cpu(tmp_path):
   import os
   import subprocess
   import sys
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+  # a fresh compilation cache: nothing carried over from another run (tests/conftest.py)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(["bash", "launch/device_check.sh", str(tmp_path), "--config=configs/device_check.py:smoke"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
