@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.tiny import assert_trees_equal
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,14 +22,6 @@ from nextlat_jax.run import load_run
 
 TINY = {"model.n_layer": 2, "model.d_model": 32, "model.n_head": 2, "model.init_std": 0.3, "dynamics.hidden": 64,
         "data.seq_len": 16, "batch_size": 8}
-
-
-def _assert_trees_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  for (p, x), (_, y) in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and np.array_equal(x, y), p
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +97,7 @@ def test_export_matches_transformers_and_reads_back_exactly(run_dir, tmp_path, c
   assert (cfg.d_model, cfg.n_layer, cfg.n_head, cfg.ffn, cfg.rope_base, cfg.norm_eps) == (
       run.cfg.d_model, run.cfg.n_layer, run.cfg.n_head, run.cfg.ffn, run.cfg.rope_base, run.cfg.norm_eps)
   assert hf["max_position_embeddings"] == 17  # the trained row length: positions 0..seq_len
-  _assert_trees_equal(trunk, jax.device_get(trunk_params))
+  assert_trees_equal(trunk, jax.device_get(trunk_params))
   assert all(os.stat(out / f).st_mode & 0o777 == 0o644 & ~_umask() for f in summary["files"])
 
 
@@ -176,7 +169,7 @@ def test_import_is_a_step0_state_restore_from_starts_from(run_dir, tmp_path, cap
   state = checkpoint.restore_step(checkpoint.manager(src_dir, config.checkpoint, read_only=True), step,
                                   setup.abstract_state)
   assert int(state.step) == 0 and set(state.params) == {"trunk", "dynamics"}
-  _assert_trees_equal(state.params["trunk"], jax.device_get(load_run(str(run_dir)).params["trunk"]))
+  assert_trees_equal(state.params["trunk"], jax.device_get(load_run(str(run_dir)).params["trunk"]))
   # a config whose trunk differs is refused, naming the overrides it needs
   bad = [o for o in overrides if "d_model" not in o]
   with pytest.raises(SystemExit):
@@ -223,7 +216,7 @@ def test_bfloat16_round_trip_is_exact(tmp_path):
   trunk = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), x, x, x)["params"])
   hf_checkpoint.save_hf(trunk, cfg, str(tmp_path), max_position_embeddings=64, eos_token_id=3)
   back, cfg_back, hf = hf_checkpoint.load_hf(str(tmp_path), param_dtype="bfloat16")
-  _assert_trees_equal(back, trunk)
+  assert_trees_equal(back, trunk)
   assert hf["dtype"] == "bfloat16" and cfg_back.rope_base == 100.0
   model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path))
   assert model.dtype == torch.bfloat16

@@ -13,6 +13,7 @@ from nextlat_jax.run import load_run
 from nextlat_jax.train import checkpoint, preflight
 from nextlat_jax.train import step as step_lib
 from tests.conftest import REPO
+from tests.tiny import assert_trees_equal
 
 TRAIN_MESH = dict(data=2, fsdp=2, tensor=2)
 # objective -> where it is loaded: a dict of axis sizes over the 8 devices, a Mesh of 4 devices, or the
@@ -81,14 +82,6 @@ def _no_optimizer(monkeypatch):
   monkeypatch.setattr(step_lib, "build", refuse)
 
 
-def _assert_trees_equal(a, b):
-  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  for (p, x), (_, y) in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and np.array_equal(x, y), p
-
-
 @pytest.mark.parametrize("objective", list(LOAD_ONTO))
 def test_params_equal_the_checkpoint_on_another_mesh(runs, objective, monkeypatch):
   path, train_config, saved = runs[objective]
@@ -99,7 +92,7 @@ def test_params_equal_the_checkpoint_on_another_mesh(runs, objective, monkeypatc
   run = load_run(str(path), mesh=onto)
   monkeypatch.undo()
   assert run.step == len(saved) and run.workdir == str(path)
-  _assert_trees_equal(jax.device_get(run.params), saved[-1])
+  assert_trees_equal(jax.device_get(run.params), saved[-1])
   want = {"gpt": (1, 4, 2), "nextlat": (1, 2, 2), "mtp": (8, 1, 1)}[objective]
   assert tuple(run.mesh.shape[a] for a in ("data", "fsdp", "tensor")) == want
   assert mesh_shape(run.config.mesh, run.mesh.devices.size) == want
@@ -123,7 +116,7 @@ def test_a_chosen_step_and_config_overrides(runs):
   path, _, saved = runs["gpt"]
   run = load_run(str(path), step=1, overrides={"eval_steps": 3})
   assert run.step == 1 and run.config.eval_steps == 3
-  _assert_trees_equal(jax.device_get(run.params), saved[0])
+  assert_trees_equal(jax.device_get(run.params), saved[0])
   assert not np.array_equal(saved[0]["trunk"]["head"], saved[1]["trunk"]["head"])  # the steps differ
 
 

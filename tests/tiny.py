@@ -26,3 +26,13 @@ def random_rows(rng: np.random.Generator, B: int, L: int, V: int, eos: int, eos_
   tokens = rng.integers(2, V, size=(B, L))
   tokens[rng.random((B, L)) < eos_rate] = eos
   return tokens
+
+
+def assert_trees_equal(a, b) -> None:
+  """Same tree paths, and every leaf of the same dtype and bit-equal."""
+  import jax
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (p, x), (_, y) in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and np.array_equal(x, y), p
