@@ -40,11 +40,7 @@ def _gpt2_files(tok: Any, gpt2_path: str) -> tuple[str, str] | None:
     folder = gpt2_path or tokenizers.bundled_gpt2_dir()
   except ValueError:
     return None
-  for names in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
-    paths = tuple(str(pathlib.Path(folder, n)) for n in names)
-    if all(pathlib.Path(p).is_file() for p in paths):
-      return paths
-  return None
+  return tokenizers.gpt2_files_in(str(folder))
 
 
 def _word_json(tok: Any) -> str:
