@@ -61,7 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,  # the blocks as one jax.lax.scan (one compiled block) or unrolled
       remat="none",  # none | full | dots | dots_no_batch
       dtype="float32", param_dtype="float32",  # compute / parameter dtypes: float32 | bfloat16
-      attention_impl=ml_collections.config_dict.placeholder(str),  # None: XLA's choice; "xla" | "cudnn"
+      # None: jax.nn.dot_product_attention picks (dense mask) | "xla" | "cudnn" | "flash" (Pallas kernel from
+      # segment ids: Triton on GPU, splash on TPU, interpret mode on CPU) | "auto" (flash on GPU/TPU, xla on
+      # CPU). Decoding's slot masks always take the dense path (nextlat_jax/models/attention.py).
+      attention_impl=ml_collections.config_dict.placeholder(str),
   ))
   c.dynamics = ml_collections.ConfigDict(dict(
       kind="mlp",  # ablation (docs/research.md): "mlp" (the paper) | "resmlp" | "gru" | "attn"
@@ -80,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
       token_loss="kl",  # term on head(ĥ): "kl" (teacher h_{t+i}) | "ce" (true x_{t+i+1}) | "none"
       next_h_loss="smooth_l1",  # "smooth_l1" | "mse" | "cosine" (1 - cos per position; losses.py)
       remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
+      # Positions (of every row) per chunk of the vocabulary-wide losses (CE, KL; objectives/vocab_losses.py):
+      # no float32 (B, T, V) array is kept for the backward pass; 0: whole rows at once (the reference).
+      vocab_chunk=256,
       # Baselines (BASELINES.md; docs/baselines.md). MTP / JTP / mtp_deepseek also read horizon and
       # remat_rollout (then: checkpoint each extra head / slot / module).
       lambda_mtp=1.0,  # mtp, jtp, mtp_deepseek aux. weight: FineWeb-Edu's untuned 1.0 (per task: not reported)
@@ -120,6 +126,13 @@ def base_config() -> ml_collections.ConfigDict:
       # Before step 0 on a multi-device mesh: a tiny model with this run's mesh, rules, objective, rows
       # per shard and row length compares sharded and single-device gradients (parallel/canary.py).
       sharding_canary=True,
+      # A jax.profiler trace of the updates start_step .. start_step + steps - 1 (0-based, the state's
+      # step before each update) under <workdir>/profile (per process: profile/process_<i>); -1: off.
+      profile=dict(start_step=-1, steps=3),
+      # The persistent XLA compilation cache in this folder (set before the first compile); None: off.
+      # Off by default: on jax 0.10.2 an executable of the sharded Muon step loaded from it aborts
+      # XLA:CPU (docs/design.md, "Measurements"); fine on GPU / TPU.
+      compilation_cache_dir=ml_collections.config_dict.placeholder(str),
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=0,  # save every N steps (and at the end, on SIGTERM); 0: no checkpoints
@@ -167,10 +180,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   from nextlat_jax import objectives
   from nextlat_jax.models import checks as model_checks
   from nextlat_jax.parallel import sharding
-  from nextlat_jax.train import optimizer
+  from nextlat_jax.train import optimizer, profiling
   model_checks.validate(c, data_vocab)
   objectives.validate(c)
   optimizer.validate(c)
+  profiling.validate(c)
   _validate_run(c)
   _, fsdp, tensor = sharding.validate(c, num_devices)
   model_checks.validate_sharding(c, fsdp, tensor)

@@ -1,7 +1,7 @@
 """The trunk's cache mode (models/transformer.py KVCache, driven by decoding/kv_cache.py) against the full
 training forward: prefill, one-token and multi-token extends across EOS boundaries and a rejected-draft
-rollback give the training h to float32 noise, scanned and unscanned; `attention_impl` reaches the cached
-attention."""
+rollback give the training h to float32 noise, scanned and unscanned, and with the "flash" training
+forward; `attention_impl` reaches the cached attention."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,9 +49,10 @@ def _close(got: np.ndarray, want: np.ndarray, what: str):
   assert err <= REL * scale, (what, err, scale)
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_cached_forward_equals_the_training_forward(params, scan):
-  cfg, p = _cfg(scan), params[scan]
+@pytest.mark.parametrize("scan,impl", [(True, None), (False, None), (True, "flash")])
+def test_cached_forward_equals_the_training_forward(params, scan, impl):
+  """impl "flash": the training forward runs the Pallas kernel (interpret mode), the cache the dense path."""
+  cfg, p = _cfg(scan, attention_impl=impl), params[scan]
   seq = _sequence()
   seg, pos = packing.segment_ids_and_positions(seq, EOS)
   full_BxNxD = np.asarray(Transformer(cfg).apply({"params": p}, jnp.asarray(seq), seg, pos)[0])

@@ -37,6 +37,9 @@ BAD = [
     ({"model.vocab_size": 10}, "model.vocab_size=10", "smaller than the dataset's vocabulary (74)"),
     ({"model.dtype": "float16"}, "model.dtype='float16'", "must be one of"),
     ({"data.name": "nope"}, "data='nope'", "unknown dataset"),
+    ({"train.profile.start_step": -2}, "train.profile.start_step=-2", "must be -1 (off) or a step >= 0"),
+    ({"train.profile.start_step": 600}, "train.profile.start_step=600", "must be < steps=600"),
+    ({"train.profile.steps": 0}, "train.profile.steps=0", "must be >= 1"),
 ]
 
 

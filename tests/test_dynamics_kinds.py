@@ -227,8 +227,9 @@ def test_every_kind_trains_and_shards(kind):
                                             step_lib.global_batch(local_batch(k), setup1.batch_sharding), rng))
     (loss8, m8), g8 = jax.device_get(grads8(jax.device_put(params, setup8.state_shardings.params),
                                             step_lib.global_batch(local_batch(k), setup8.batch_sharding), rng))
-    for key in ("ce", "next_h", "kl", "next_h_2"):
-      np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=1e-5, err_msg=f"{kind} {k} {key}")
+    for key in ("ce", "next_h", "kl", "next_h_2"):  # atol: the KL (1e-3 after 3 steps) is a difference of
+      # two log V-sized cross entropies, so its rounding is absolute, ~1e-7 x log V
+      np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=f"{kind} {k} {key}")
     np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5, err_msg=f"{kind} {k} loss")
     assert_grads_close(g8, g1, f"{kind} batch {k}")
   # the kind's own weights really are split over the mesh

@@ -117,8 +117,9 @@ def test_matches_xla_cost_analysis(name, horizon):
   assert 1.0 <= cost["flops"] / ours < 1.15, (cost["flops"], ours)
 
 
-def test_bench_step_smoke(tmp_path):
-  """The benchmark runs end to end on the tiny preset and reports consistent FLOPs and targets."""
+def test_bench_step_smoke(tmp_path, capsys):
+  """The benchmark runs end to end on the tiny preset and reports consistent FLOPs, targets and the
+  compiled memory of every variant."""
   import json
 
   from nextlat_jax.bench import step as bench_step
@@ -134,7 +135,14 @@ def test_bench_step_smoke(tmp_path):
   assert res["variants"][3]["flops"] == bst["total"] and bst["pairs"] < 0.2 * L * L / 2
   assert res["variants"][3]["paper_time_ratio"] == pytest.approx(3.09 / 0.89)
   assert len(res["targets"]) == 2 and all(v["step_ms"] > 0 for v in res["variants"])
-  assert json.loads((tmp_path / "bench_step.json").read_text())["row_len"] == L
+  saved = json.loads((tmp_path / "bench_step.json").read_text())
+  assert saved["row_len"] == L
+  table = capsys.readouterr().out
+  assert "| compiled MiB |" in table
+  for v in saved["variants"]:
+    mem = v["memory_mib"]
+    assert mem["total"] > 0 and mem["total"] == pytest.approx(v["memory_gib"] * 1024, abs=0.01), v["variant"]
+    assert f"{mem['total']:,.1f} |" in next(line for line in table.splitlines() if line.startswith(f"| {v['variant']} |"))
 
 
 def test_device_check_script_fits_the_batch_on_cpu(tmp_path):

@@ -9,7 +9,9 @@ Tolerance 1e-6: scalars relative to max(|value|, 1) (`scalar_err`), gradients re
 max |g|; measured float32 noise 1e-7 .. 8e-7 at init std 0.02 (with larger weights the forward itself
 differs by 1e-6 between batch shapes). Scalar leaves are one sum over every position: JTP's Fetch gamma
 gradient cancels to 0.6 of its terms' magnitude and moves by 1.3e-6 under a mere row permutation of the
-full batch, so they get 1e-5.
+full batch, so they get 1e-5; so do other leaves of at most SUM_LEAF entries, each entry one sum over every
+position (JTP's slot bias: 1.07e-6 since the vocabulary losses compute their gradients in the forward pass,
+objectives/vocab_losses.py).
 """
 import functools
 
@@ -27,6 +29,7 @@ from tests.tiny import contract_fields, random_rows, tiny_config
 V, D, B, L, EOS, PAD, K = 13, 16, 8, 16, 1, 0, 4
 TOL = 1e-6
 TOL_SCALAR_LEAF = 1e-5
+SUM_LEAF = 64  # entries; below B * L = 128 positions
 FAST = {"xla_backend_optimization_level": 0}
 RNG = jax.random.PRNGKey(0)
 CASES = {
@@ -91,7 +94,7 @@ def grad_err(a, b) -> float:
 
 def assert_grads_close(a, b) -> None:
   for path, size, err in grad_errs(a, b):
-    assert err <= (TOL if size > 1 else TOL_SCALAR_LEAF), (path, err)
+    assert err <= (TOL if size > SUM_LEAF else TOL_SCALAR_LEAF), (path, err)
 
 
 @pytest.mark.parametrize("case", list(CASES))

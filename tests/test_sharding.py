@@ -4,13 +4,15 @@ For every objective (gpt, nextlat d = 1 and 2, mtp, mtp_deepseek, jtp, bst) and 
 jit(grad(loss)) with the Setup's param and batch shardings on a mesh of the 8 fake CPU devices (conftest)
 matches the same gradient on one device to 1e-5 of each tensor's max |g| (float32 reduction-order noise
 is ~5e-7). The cases together cover the meshes (8,1,1), (1,8,1), (2,2,2), (2,4,1), (1,4,2), (4,1,2), 1-4 rows per
-batch shard and rows of 9-17 tokens, with (2, 2, 2) at 1-4 rows of 9-13 tokens, where XLA miscompiled
+batch shard and rows of 9-17 tokens, the vocabulary-wide losses in chunks of 4 positions with the head and
+logits sharded over `tensor` (including (1,1,8) and (2,1,4)), with (2, 2, 2) at 1-4 rows of 9-13 tokens, where XLA miscompiled
 the (data, fsdp) batch order (docs/sharding.md). A separate test checks that params and batch really are
 split on (2, 2, 2).
 """
 
 import functools
 import math
+import re
 
 import jax
 import numpy as np
@@ -31,6 +33,7 @@ VARIANTS = {  # name -> (objective, horizon, dynamics kind)
     "mtp": ("mtp", 2, "mlp"), "mtp_deepseek": ("mtp_deepseek", 2, "mlp"), "jtp": ("jtp", 2, "mlp"),
     "bst": ("bst", 1, "mlp"), "resmlp": ("nextlat", 2, "resmlp"), "gru": ("nextlat", 2, "gru"),
     "attn": ("nextlat", 2, "attn"),
+    "gpt_8heads": ("gpt", 1, "mlp"),  # n_head 8, for tensor = 8
 }
 # (variant, global batch, row length, meshes): rows per shard = batch / (data * fsdp). One compile pair
 # per case costs ~10 s of CPU, so each variant gets one layout and together they cover every mesh, 1-4
@@ -47,14 +50,20 @@ CASES = [
     ("gru", 8, 10, ((1, 8, 1),)),
     ("attn", 12, 9, ((2, 2, 2),)),
     ("nextlat_d2", 4, 10, ((2, 2, 2),)),  # 1 row per shard: once refused by config.validate
+    # Vocab-parallel head and logits (V / tensor = 2 or 4 entries per shard) through the chunked losses.
+    ("gpt_8heads", 8, 11, ((1, 1, 8),)),
+    ("nextlat_d2", 8, 12, ((2, 1, 4),)),
 ]
+VOCAB_CHUNK = 4  # positions per chunk of the vocabulary-wide losses: 3-5 chunks per row, the last padded
 
 
 def make_config(variant: str, shape: tuple[int, int, int], batch: int):
   objective, horizon, kind = VARIANTS[variant]
   c = tiny_config(shape, vocab=V, d_model=D, batch=batch, eos=EOS)
-  c.objective.update(name=objective, horizon=horizon)
+  c.objective.update(name=objective, horizon=horizon, vocab_chunk=VOCAB_CHUNK)
   c.dynamics.kind = kind
+  if variant.endswith("_8heads"):
+    c.model.n_head = 8
   return c
 
 
@@ -124,3 +133,18 @@ def test_params_and_batch_are_sharded(objective):
   assert len({s.index[0].indices(B) for s in tokens.addressable_shards}) == 4
   for key in step_lib.BATCH_KEYS:
     assert batch[key].sharding == tokens.sharding
+
+
+def test_the_step_updates_the_state_in_place():
+  """The step donates the train state: every state leaf's buffer is aliased to its updated output (one
+  train-state copy, not two). The batch is not donated: no output has a batch field's shape, so XLA
+  could reuse none of its buffers (jax would only warn "Some donated buffers were not usable")."""
+  B, L = 8, 17
+  c = make_config("gpt", (2, 2, 2), B)
+  setup = step_lib.build(c, make_mesh(c.mesh, devices=jax.devices()[:8]))
+  lowered = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng())
+  state_info, batch_info, _ = lowered.args_info[0]
+  assert all(a.donated for a in jax.tree.leaves(state_info)) and not any(a.donated for a in jax.tree.leaves(batch_info))
+  header = lowered.compile().as_text().splitlines()[0]
+  aliased = {int(p) for p in re.findall(r"\((\d+), \{\}, (?:may|must)-alias\)", header)}
+  assert aliased == set(range(len(jax.tree.leaves(setup.abstract_state)))), header[:500]

@@ -10,8 +10,8 @@ A jitted float32 matmul reference at the model's own matmul shapes runs in the s
 
 Reported per variant: median step time; model FLOPs per step (nextlat_jax.flops); the time ratio to GPT
 (median over rounds of the per-round ratio, so load drifts common to a round cancel); the FLOP ratio;
-their quotient; achieved FLOP/s; achieved / matmul FLOP/s; and the paper's Table 4 step-time ratio
-(B200, 1.3B model) next to ours. Targets (from the issues): NextLat time ratio <= tolerance x FLOP ratio
+their quotient; achieved FLOP/s; achieved / matmul FLOP/s; the compiled step's per-device memory
+(train/sizes.step_memory); and the paper's Table 4 step-time ratio (B200, 1.3B model) next to ours. Targets (from the issues): NextLat time ratio <= tolerance x FLOP ratio
 for every d, and GPT FLOP/s >= min_matmul_fraction x matmul FLOP/s; baselines are reported, not gated.
 
 Rows: with config.data.name == "random" (configs/bench_step.py) random tokens are packed into documents
@@ -37,6 +37,7 @@ from nextlat_jax import flops as flops_lib
 from nextlat_jax.data import packing
 from nextlat_jax.models.transformer import REMAT_POLICIES, ffn_width
 from nextlat_jax.parallel.mesh import make_mesh, mesh_shape
+from nextlat_jax.bench.step_table import format_table
 from nextlat_jax.train import sizes
 from nextlat_jax.train import step as step_lib
 from nextlat_jax.train.mfu import peak_flops_per_device
@@ -258,6 +259,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     variants.append(dict(label=label, config=c, compiled=compiled, state=state, batch=batch,
                          flops=flops_lib.train_flops_per_step(c, L, B), compile_s=compile_s,
                          memory_gib=None if mem is None else mem / 2**30,
+                         memory_mib=sizes.step_memory(compiled),
                          loss=float(metrics["loss"]), times=[], cpu_times=[]))
 
   mm_fn, mm_args, mm_flops = matmul_reference(config, B * (L - 1))
@@ -311,7 +313,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         flop_ratio=flop_ratio, time_over_flop_ratio=time_ratio / flop_ratio,
         flops_per_s=v["flops"]["total"] / med, matmul_fraction=v["flops"]["total"] / med / mm_rate,
         tokens_per_s=B * (L - 1) / med, mfu=None if peak is None else v["flops"]["total"] / med / (peak * ndev),
-        memory_gib=v["memory_gib"], compile_s=v["compile_s"], loss_after_warmup=v["loss"],
+        memory_gib=v["memory_gib"], memory_mib=v["memory_mib"], compile_s=v["compile_s"],
+        loss_after_warmup=v["loss"],
         paper_time_ratio=(PAPER_STEPS_PER_S["GPT"] / PAPER_STEPS_PER_S[v["label"]]
                           if v["label"] in PAPER_STEPS_PER_S else None)))
   targets = [dict(name=f"{r['variant']}: time ratio <= {tol:g} x FLOP ratio",
@@ -330,39 +333,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
       bench=dict(s), matmul=dict(flops=mm_flops, ms=float(np.median(mm_times)) * 1e3,
                                  ms_all=[x * 1e3 for x in mm_times], flops_per_s=mm_rate),
       variants=rows, targets=targets, passed=all(t["passed"] for t in targets))
-
-
-def format_table(res: dict) -> str:
-  mi = res["machine"]
-  lines = [f"machine: {mi['nproc']} CPUs, {mi['cpu']}, jax {mi['jax']} ({mi['backend']}); mesh {res['mesh']}",
-           f"model: {res['model']}; batch {res['batch_rows']} rows x {res['row_len']} tokens",
-           f"rounds {res['bench']['rounds']} x {res['bench']['steps_per_round']} steps per variant "
-           "(interleaved); medians; time ratio = median of per-round ratios to GPT; paper time ratio = "
-           "GPT steps/s / variant steps/s in the paper's Table 4 (B200, 1.3B)",
-           "",
-           "| variant | step ms (p25-p75) | steps/s | tok/s | GFLOP/step | time ratio | FLOP ratio | time/FLOP ratio "
-           "| GFLOP/s | / matmul | paper time ratio |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in res["variants"]:
-    paper = "" if r["paper_time_ratio"] is None else f"{r['paper_time_ratio']:.3f}"
-    lines.append(f"| {r['variant']} | {r['step_ms']:.1f} ({r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}) "
-                 f"| {1e3 / r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {r['flops'] / 1e9:.2f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} "
-                 f"| {r['time_over_flop_ratio']:.3f} | {r['flops_per_s'] / 1e9:.1f} | {r['matmul_fraction']:.2f} "
-                 f"| {paper} |")
-  lines += ["", "time/FLOP ratio by other estimators (noise checks): "
-            + "; ".join(f"{r['variant']}: ratio of medians {r['time_ratio_of_medians'] / r['flop_ratio']:.3f}, "
-                        f"of minima {r['time_ratio_of_mins'] / r['flop_ratio']:.3f}, "
-                        f"process CPU time {r['cpu_time_ratio'] / r['flop_ratio']:.3f}" for r in res["variants"][1:])]
-  mm = res["matmul"]
-  if res.get("peak_flops_per_device"):
-    lines += ["", f"MFU (model FLOPs / ({res['peak_flops_per_device'] / 1e12:.0f} TFLOP/s peak x devices)) and "
-              "tokens/s: " + "; ".join(f"{r['variant']}: MFU {r['mfu']:.1%}, {r['tokens_per_s']:,.0f} tok/s"
-                                       for r in res["variants"])]
-  lines += ["", f"matmul reference (model forward shapes, float32, jitted): {mm['ms']:.2f} ms for "
-            f"{mm['flops'] / 1e9:.2f} GFLOP = {mm['flops_per_s'] / 1e9:.1f} GFLOP/s", ""]
-  for t in res["targets"]:
-    lines.append(f"{'PASS' if t['passed'] else 'FAIL'}  {t['name']}  ({t['value']:.3f} vs {t['limit']:g})")
-  return "\n".join(lines)
 
 
 def _flag_workdir() -> str | None:

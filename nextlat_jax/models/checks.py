@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from nextlat_jax.errors import need
+from nextlat_jax.models.attention import IMPLS as ATTENTION_IMPLS
 from nextlat_jax.models.transformer import DTYPES, REMAT_POLICIES, ffn_width
-
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 def validate(config: Any, data_vocab: int | None = None) -> None:
@@ -25,7 +24,7 @@ def validate(config: Any, data_vocab: int | None = None) -> None:
   for key in ("dtype", "param_dtype"):
     need(m[key] in DTYPES, f"model.{key}", m[key], f"must be one of {tuple(DTYPES)}")
   need(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl", m.attention_impl,
-       "must be None, 'xla' or 'cudnn'")
+       f"must be one of {ATTENTION_IMPLS} (nextlat_jax/models/attention.py)")
 
 
 def validate_sharding(config: Any, fsdp: int, tensor: int) -> None:

@@ -9,13 +9,13 @@ a trunk parameter (`params['head']`, D x V; the input table is `params['embed']`
 Cache mode (decoding): `Transformer` / `Stack` / `Block` take an optional `KVCache`, the K/V of the stack's
 layers over S slots per row plus where this call's T new tokens go (`start_B`) and what they see
 (`mask_Bx1xTxS`). Each block puts its new K/V at slots start_B[b] + t of its layer's buffers, attends over
-every slot with that mask (the same `jax.nn.dot_product_attention(implementation=cfg.attention_impl)` as
-training) and returns its new rows; the buffers' layer axis is scanned with the layers (`nn.scan` in_axes
-0) and the stack writes every layer's rows into them in place. An explicit argument rather than Flax's
-`variables["cache"]` (lm1b): the parameter tree and `init` stay untouched, the cache is a plain pytree
-that decoding owns (rows left-aligned with per-row offsets, rollback = resetting a length, one buffer
-shared by MTP's trunk and heads), and no `mutable=` plumbing. Slot bookkeeping (layout, masks, rollback)
-lives in `nextlat_jax.decoding.kv_cache`.
+every slot with that mask (`models/attention.attend` on a dense mask: `jax.nn.dot_product_attention`, to
+which "flash" routes a slot mask) and returns its new rows; the buffers' layer axis is scanned with the
+layers (`nn.scan` in_axes 0) and the stack writes every layer's rows into them in place. An explicit
+argument rather than Flax's `variables["cache"]` (lm1b): the parameter tree and `init` stay untouched,
+the cache is a plain pytree that decoding owns (rows left-aligned with per-row offsets, rollback =
+resetting a length, one buffer shared by MTP's trunk and heads), and no `mutable=` plumbing. Slot
+bookkeeping (layout, masks, rollback) lives in `nextlat_jax.decoding.kv_cache`.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
+
+from nextlat_jax.models.attention import attend, document_mask, uses_segment_ids
 
 Array = jax.Array
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -47,7 +49,7 @@ class ModelConfig:
   remat: str = "none"
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  attention_impl: str | None = None  # None (XLA picks), "xla" or "cudnn"
+  attention_impl: str | None = None  # None (JAX picks), "xla", "cudnn", "flash", "auto" (models/attention.py)
 
   @property
   def ffn(self) -> int:
@@ -140,14 +142,6 @@ def rope(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
   return out.astype(x_BxTxNxH.dtype)
 
 
-def document_mask(segment_ids_BxT: Array) -> Array:
-  """Block-diagonal causal mask (B, 1, T, T): t attends to s iff s <= t and same document."""
-  T = segment_ids_BxT.shape[1]
-  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-  return (same_BxTxT & causal_TxT)[:, None]
-
-
 def unembed(h_BxTxD: Array, head_DxV: Array, dtype: Any = jnp.float32) -> Array:
   """logits = h @ W_head, accumulated and returned in float32."""
   return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), head_DxV.astype(dtype),
@@ -157,14 +151,17 @@ def unembed(h_BxTxD: Array, head_DxV: Array, dtype: Any = jnp.float32) -> Array:
 class Block(nn.Module):
   """One pre-norm block: (x, mask Bx1xTxK over the K keys, positions) -> (x, None); keys are the T tokens
   themselves, or in cache mode (kv = this layer's (k, v) buffers BxSxNxH, start_B) the S slots with the
-  block's own K/V in place at slots start_B[b] + t: -> (x, its (k, v) rows BxTxNxH, to be written there)."""
+  block's own K/V in place at slots start_B[b] + t: -> (x, its (k, v) rows BxTxNxH, to be written there).
+  Without a mask (None) the block attends block-diagonal causally over `segment_ids_BxT` (the "flash"
+  kernels take the ids, models/attention.py)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   rules: tuple = ()
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, mask_Bx1xTxK: Array, positions_BxT: Array,
-               kv: tuple[Array, Array] | None = None, start_B: Array | None = None):
+  def __call__(self, x_BxTxD: Array, mask_Bx1xTxK: Array | None, positions_BxT: Array,
+               kv: tuple[Array, Array] | None = None, start_B: Array | None = None,
+               segment_ids_BxT: Array | None = None):
     cfg, c = self.cfg, Constrain(self.mesh, self.rules)
     dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     N, H = cfg.n_head, cfg.head_dim
@@ -180,8 +177,8 @@ class Block(nn.Module):
       rows = k, v
       k, v = write_slots(kv[0], k, start_B), write_slots(kv[1], v, start_B)
       kv = rows
-    o_BxTxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxK,
-                                             implementation=cfg.attention_impl)
+    o_BxTxNxH = attend(q, k, v, impl=cfg.attention_impl, segment_ids_BxT=segment_ids_BxT,
+                       mask_Bx1xTxS=mask_Bx1xTxK, mesh=self.mesh, rules=self.rules)
     o_BxTxNxH = c(o_BxTxNxH, ("activation_batch", "activation_length", "activation_heads", None))
     x_BxTxD = x_BxTxD + nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype, name="out",
@@ -263,7 +260,9 @@ def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array | None,
   if cfg.remat != "none":
     block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
   x_BxTxD = x_BxTxD.astype(DTYPES[cfg.dtype])
-  if cache is None:
+  if cache is None and uses_segment_ids(cfg.attention_impl):  # the kernel takes the ids: no T x T mask
+    mask, kv_args, kv_axes = None, (None, None, segment_ids_BxT), (nn.broadcast,) * 3
+  elif cache is None:
     mask, kv_args, kv_axes = document_mask(segment_ids_BxT), (), ()
   else:  # each layer reads its slice of the buffers; the slot mask and offsets are shared
     mask = cache.mask_Bx1xTxS
@@ -277,7 +276,7 @@ def run_blocks(module: nn.Module, x_BxTxD: Array, segment_ids_BxT: Array | None,
   else:
     kvs = []
     for i in range(cfg.n_layer):
-      layer_args = () if cache is None else ((cache.k_LxBxSxNxH[i], cache.v_LxBxSxNxH[i]), cache.start_B)
+      layer_args = kv_args if cache is None else ((cache.k_LxBxSxNxH[i], cache.v_LxBxSxNxH[i]), cache.start_B)
       x_BxTxD, kv_i = block(cfg, module.mesh, module.rules, name=f"block_{i}", parent=module)(
           x_BxTxD, mask, positions_BxT, *layer_args)
       kvs.append(kv_i)

@@ -44,6 +44,8 @@ def validate(config: Any) -> None:
   """objective.name and the named objective's own keys; raises ConfigError for the first bad value."""
   o = config.objective
   need(o.name in MODULES, "objective.name", o.name, f"unknown objective (known: {', '.join(names())})")
+  need(isinstance(o.vocab_chunk, int) and o.vocab_chunk >= 0, "objective.vocab_chunk", o.vocab_chunk,
+       "must be an integer >= 0 (positions per chunk; 0: unchunked)")
   check = getattr(_module(o.name), "validate", None)
   if check is not None:
     check(config)

@@ -6,9 +6,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
+from nextlat_jax.models.transformer import DTYPES, Constrain, ModelConfig, Transformer
 from nextlat_jax.objectives.base import Objective
-from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts
+from nextlat_jax.objectives.vocab_losses import head_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 
@@ -22,9 +23,15 @@ def init_trunk(trunk: Transformer, rng: jax.Array) -> Any:
   return trunk.init(rng, x, x, x)["params"]
 
 
+def vocab_options(config: Any, trunk: Transformer) -> dict:
+  """The keyword arguments of the vocabulary-wide losses (objectives/vocab_losses.py) for this trunk."""
+  return dict(dtype=DTYPES[trunk.cfg.dtype], chunk=int(config.objective.vocab_chunk),
+              constrain=Constrain(trunk.mesh, trunk.rules))
+
+
 def build(config: Any, mesh: Any = None) -> Objective:
   trunk = trunk_module(config, mesh)
-  dtype = DTYPES[trunk.cfg.dtype]
+  vocab = vocab_options(config, trunk)
 
   def init(rng: jax.Array) -> Any:
     return {"trunk": init_trunk(trunk, rng)}
@@ -41,10 +48,9 @@ def build(config: Any, mesh: Any = None) -> Objective:
     del rng
     denom = denominators(counts)
     h_BxTxD = forward(params, batch)
-    logits_BxTxV = unembed(h_BxTxD, params["trunk"]["head"], dtype)
     mask_BxT = batch["loss_mask"][:, 1:]
     targets_BxT = batch.get("labels", batch["tokens"])[:, 1:]  # task labels (A5) or the next tokens
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), mask_BxT, denom("ce"))
+    ce = head_cross_entropy(h_BxTxD, params["trunk"]["head"], targets_BxT, mask_BxT, denom("ce"), **vocab)
     return ce, {"loss": ce, "ce": ce}
 
   return Objective("gpt", init, loss, forward, {"trunk": trunk}, term_counts)

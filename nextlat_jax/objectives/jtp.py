@@ -34,8 +34,9 @@ import jax.numpy as jnp
 from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import DTYPES, Constrain, RMSNorm, _init, unembed
 from nextlat_jax.objectives.base import Objective
-from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
+from nextlat_jax.objectives.gpt import init_trunk, trunk_module, vocab_options
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts
+from nextlat_jax.objectives.vocab_losses import head_cross_entropy
 from nextlat_jax.objectives.mtp import eos_count, validate_aux
 
 Array = jax.Array
@@ -151,7 +152,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   obj = config.objective
   d, lam, eos_id = int(obj.horizon), float(obj.lambda_mtp), int(config.data.eos_id)
   representation = obj.representation
-  dtype = DTYPES[trunk.cfg.dtype]
+  vocab = vocab_options(config, trunk)
   constrain = Constrain(trunk.mesh, trunk.rules)
 
   def init(rng: jax.Array) -> Any:
@@ -169,7 +170,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
     return c[:, :, 0]
 
   def slot_loss(head_DxV, o_BxTxD, targets_BxT, mask_BxT, count=None):
-    return masked_mean(token_cross_entropy(unembed(o_BxTxD, head_DxV, dtype), targets_BxT), mask_BxT, count)
+    return head_cross_entropy(o_BxTxD, head_DxV, targets_BxT, mask_BxT, count, **vocab)
 
   if obj.remat_rollout:
     slot_loss = jax.checkpoint(slot_loss)

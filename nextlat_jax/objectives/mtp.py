@@ -33,7 +33,9 @@ from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import (DTYPES, Block, ModelConfig, RMSNorm, Stack, _remat_policy, document_mask,
                                             embed_with_head, unembed)
 from nextlat_jax.objectives.base import Objective
-from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
+from nextlat_jax.objectives.gpt import vocab_options
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts
+from nextlat_jax.objectives.vocab_losses import head_cross_entropy
 from nextlat_jax.parallel.sharding import logical_rules
 
 Array = jax.Array
@@ -162,7 +164,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   d, lam = int(obj.horizon), float(obj.lambda_mtp)
   eos_mask, eos_id = obj.mtp_eos_mask, int(config.data.eos_id)
   representation = obj.representation
-  dtype = DTYPES[trunk.cfg.dtype]
+  vocab = vocab_options(config, trunk)
 
   def init(rng: jax.Array) -> Any:
     r_trunk, r_heads = jax.random.split(rng)
@@ -180,8 +182,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
 
   def head_loss(heads_params, head_DxV, z_BxTxD, seg_BxT, pos_BxT, targets_BxN, mask_BxN, i, count=None):
     h_BxTxD = heads.apply({"params": heads_params}, z_BxTxD, seg_BxT, pos_BxT, i, method=MTPHeads.one)
-    logits_BxNxV = unembed(h_BxTxD[:, :targets_BxN.shape[1]], head_DxV, dtype)
-    return masked_mean(token_cross_entropy(logits_BxNxV, targets_BxN), mask_BxN, count)
+    return head_cross_entropy(h_BxTxD[:, :targets_BxN.shape[1]], head_DxV, targets_BxN, mask_BxN, count, **vocab)
 
   if obj.remat_rollout:
     head_loss = jax.checkpoint(head_loss, static_argnums=(7,))

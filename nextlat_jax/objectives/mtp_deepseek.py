@@ -33,8 +33,9 @@ from nextlat_jax.errors import need
 from nextlat_jax.models.transformer import (DTYPES, Block, ModelConfig, RMSNorm, _init, _remat_policy,
                                             document_mask, unembed)
 from nextlat_jax.objectives.base import Objective
-from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import Counts, denominators, mask_counts, masked_mean, token_cross_entropy
+from nextlat_jax.objectives.gpt import init_trunk, trunk_module, vocab_options
+from nextlat_jax.objectives.losses import Counts, denominators, mask_counts
+from nextlat_jax.objectives.vocab_losses import head_cross_entropy
 from nextlat_jax.objectives.mtp import eos_count, validate_aux
 from nextlat_jax.parallel.sharding import logical_rules
 
@@ -144,7 +145,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   trunk, mtp = modules["trunk"], modules["mtp"]
   depths, lam = int(config.objective.horizon), float(config.objective.lambda_mtp)
   eos_id = int(config.data.eos_id)
-  dtype = DTYPES[trunk.cfg.dtype]
+  vocab = vocab_options(config, trunk)
 
   def init(rng: jax.Array) -> Any:
     r_trunk, r_mtp = jax.random.split(rng)
@@ -160,7 +161,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   def depth_loss(mtp_params, head_DxV, h_BxNxD, e_BxNxD, seg_BxN, pos_BxN, targets_BxN, mask_BxN, k, count=None):
     h_BxNxD, o_BxNxD = mtp.apply({"params": mtp_params}, h_BxNxD, e_BxNxD, seg_BxN, pos_BxN, k,
                                  method=MTPModules.one)
-    ce = masked_mean(token_cross_entropy(unembed(o_BxNxD, head_DxV, dtype), targets_BxN), mask_BxN, count)
+    ce = head_cross_entropy(o_BxNxD, head_DxV, targets_BxN, mask_BxN, count, **vocab)
     return h_BxNxD, ce
 
   if config.objective.remat_rollout:
@@ -179,8 +180,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
     h_BxTxD, e_BxTxD = trunk.apply({"params": params["trunk"]}, x_BxL[:, :-1], seg_BxL[:, :-1],
                                    pos_BxL[:, :-1])
     head_DxV = params["trunk"]["head"]
-    ce = masked_mean(token_cross_entropy(unembed(h_BxTxD, head_DxV, dtype), x_BxL[:, 1:]),
-                     target_mask(batch, 0, eos_id), denom("ce"))
+    ce = head_cross_entropy(h_BxTxD, head_DxV, x_BxL[:, 1:], target_mask(batch, 0, eos_id), denom("ce"), **vocab)
     metrics, aux = {"ce": ce}, 0.0
     for k in range(1, depths + 1):
       n = L - 1 - k  # module k runs on positions i = 0..n-1: inputs E(x_{i+k}), targets x_{i+k+1}

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 
 from nextlat_jax.errors import need
 from nextlat_jax.models import dynamics as dynamics_lib
-from nextlat_jax.models.transformer import DTYPES, unembed
 from nextlat_jax.objectives.base import Objective
-from nextlat_jax.objectives.gpt import init_trunk, trunk_module
-from nextlat_jax.objectives.losses import (NEXT_H_LOSSES, Counts, denominators, forward_kl, mask_counts,
-                                           masked_mean, next_latent_loss, token_cross_entropy)
+from nextlat_jax.objectives.gpt import init_trunk, trunk_module, vocab_options
+from nextlat_jax.objectives.losses import (NEXT_H_LOSSES, Counts, denominators, mask_count, mask_counts,
+                                           next_latent_loss)
+from nextlat_jax.objectives.vocab_losses import head_losses
 from nextlat_jax.parallel.sharding import logical_rules
 
 EOS_MASKS = ("transition", "chain")
@@ -74,6 +74,11 @@ def term_masks(batch: dict, horizon: int, eos_id: int, eos_mask: str, token_key:
   return masks
 
 
+def _denominator(count: jax.Array | None, mask: jax.Array) -> jax.Array:
+  """max(count, 1), count defaulting to the mask's (as losses.masked_mean)."""
+  return jnp.maximum(mask_count(mask) if count is None else count, 1.0)
+
+
 def build(config: Any, mesh: Any = None) -> Objective:
   trunk, dyn = trunk_module(config, mesh), dynamics_module(config, mesh)
   obj = config.objective
@@ -82,7 +87,7 @@ def build(config: Any, mesh: Any = None) -> Objective:
   stop_target, frozen_head = bool(obj.next_h_stop_gradient), bool(obj.kl_frozen_head)
   token_loss, next_h_kind = obj.token_loss, obj.next_h_loss
   token_key = {"kl": "kl", "ce": "latent_ce", "none": None}[token_loss]
-  dtype = DTYPES[trunk.cfg.dtype]
+  vocab = vocab_options(config, trunk)
   sg = jax.lax.stop_gradient
 
   def init(rng: jax.Array) -> Any:
@@ -94,23 +99,12 @@ def build(config: Any, mesh: Any = None) -> Objective:
                              batch["positions"])
     return h_BxTxD
 
-  def rollout_step(dyn_params, head_DxV, cur_BxTxD, carry, e_BxTxD, h_tgt_BxTxD, token_tgt, m_h_BxT, m_kl_BxT,
-                   n_h=None, n_kl=None):
-    """One p_psi step over every chain start: the new predictions and carry and this step's (next_h,
-    token-space) losses. token_tgt: teacher logits (B, T-1, V) for "kl", target ids (B, T-1) for "ce".
-    n_h, n_kl: the two terms' denominators (None: their masks' counts)."""
+  def rollout_step(dyn_params, cur_BxTxD, carry, e_BxTxD, h_tgt_BxTxD, m_h_BxT, n_h=None):
+    """One p_psi step over every chain start: the new predictions and carry and this step's next_h
+    loss (n_h: its denominator; None: the mask's count)."""
     cur_BxTxD, carry = dynamics_lib.advance(dyn, dyn_params, cur_BxTxD, e_BxTxD, carry)
     target_BxTxD = sg(h_tgt_BxTxD) if stop_target else h_tgt_BxTxD
-    next_h = next_latent_loss(next_h_kind, cur_BxTxD, target_BxTxD, m_h_BxT, n_h)
-    if token_loss == "none":
-      return cur_BxTxD, carry, next_h, jnp.zeros((), jnp.float32)
-    student_BxTxV = unembed(dynamics_lib.constrain_states(dyn, cur_BxTxD[:, :-1]),
-                            sg(head_DxV) if frozen_head else head_DxV, dtype)
-    if token_loss == "kl":
-      tok = masked_mean(forward_kl(token_tgt, student_BxTxV), m_kl_BxT, n_kl)
-    else:
-      tok = masked_mean(token_cross_entropy(student_BxTxV, token_tgt), m_kl_BxT, n_kl)
-    return cur_BxTxD, carry, next_h, tok
+    return cur_BxTxD, carry, next_latent_loss(next_h_kind, cur_BxTxD, target_BxTxD, m_h_BxT, n_h)
 
   if obj.remat_rollout:
     rollout_step = jax.checkpoint(rollout_step)
@@ -124,26 +118,31 @@ def build(config: Any, mesh: Any = None) -> Objective:
     x_BxT = batch["tokens"]
     h_BxTxD, e_BxTxD = trunk.apply({"params": params["trunk"]}, x_BxT, batch["segment_ids"],
                                    batch["positions"])
-    head_DxV = params["trunk"]["head"]
-    logits_BxTxV = unembed(h_BxTxD[:, :-1], head_DxV, dtype)  # position t predicts x_{t+1}
-    targets_BxT = batch.get("labels", x_BxT)[:, 1:]  # task labels (A5) or the next tokens
-    ce = masked_mean(token_cross_entropy(logits_BxTxV, targets_BxT), masks["ce"], denom("ce"))
-    token_tgt = {"kl": sg(logits_BxTxV), "ce": targets_BxT, "none": None}[token_loss]
-
-    metrics, total_h, total_tok = {}, 0.0, 0.0
-    cur_BxTxD = h_BxTxD
+    metrics, total_h = {}, 0.0
+    cur_BxTxD, students, student_masks = h_BxTxD, [], []
     carry = dynamics_lib.init_carry(dyn, h_BxTxD.shape[:-1])
     for i in range(1, horizon + 1):
       # cur[:, t] = ĥ_{t+i}, predicted from chain start t; lengths shrink by one per step.
-      tok_key = f"{token_key}_{i}" if token_key else None
-      cur_BxTxD, carry, next_h, tok = rollout_step(
-          params["dynamics"], head_DxV, cur_BxTxD, carry, e_BxTxD[:, i:], h_BxTxD[:, i:],
-          None if token_tgt is None else token_tgt[:, i:], masks[f"next_h_{i}"],
-          masks[tok_key] if tok_key else None, denom(f"next_h_{i}"), denom(tok_key) if tok_key else None)
+      cur_BxTxD, carry, next_h = rollout_step(params["dynamics"], cur_BxTxD, carry, e_BxTxD[:, i:],
+                                              h_BxTxD[:, i:], masks[f"next_h_{i}"], denom(f"next_h_{i}"))
       metrics[f"next_h_{i}"] = next_h
-      if token_key:
-        metrics[f"{token_key}_{i}"] = tok
-      total_h, total_tok = total_h + next_h, total_tok + tok
+      total_h = total_h + next_h
+      if token_key:  # head(ĥ_{t+i}) is scored at position t + i: shifted right by i, as the teacher's
+        students.append(jnp.pad(dynamics_lib.constrain_states(dyn, cur_BxTxD[:, :-1]), ((0, 0), (i, 0), (0, 0))))
+        student_masks.append(jnp.pad(masks[f"{token_key}_{i}"], ((0, 0), (i, 0))))
+
+    # Position t predicts x_{t+1} (the CE) and is the teacher of every student scored there.
+    targets_BxT = batch.get("labels", x_BxT)[:, 1:]  # task labels (A5) or the next tokens
+    ce_sum, tok_sums = head_losses(
+        h_BxTxD[:, :-1], params["trunk"]["head"], targets_BxT, masks["ce"],
+        jnp.stack(students) if students else None, jnp.stack(student_masks) if students else None,
+        token_loss=token_loss if token_key else "kl", train_student_head=not frozen_head, **vocab)
+    ce = ce_sum / _denominator(denom("ce"), masks["ce"])
+    total_tok = 0.0
+    for i in range(1, horizon + 1) if token_key else ():
+      key = f"{token_key}_{i}"
+      metrics[key] = tok_sums[i - 1] / _denominator(denom(key), masks[key])
+      total_tok = total_tok + metrics[key]
     next_h, tok = total_h / horizon, total_tok / horizon
     total = ce + lam_h * next_h + lam_kl * tok
     metrics.update(loss=total, ce=ce, next_h=next_h)

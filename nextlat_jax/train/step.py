@@ -143,6 +143,9 @@ def build(config: Any, mesh: Mesh) -> Setup:
   step = jax.jit(functools.partial(train_step, objective=objective, tx=tx, lr=lr,
                                    microbatches=int(config.microbatches), batch_sharding=batch_sh),
                  in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                 # The state is updated in place. The batch is not donated: XLA can only reuse a donated
+                 # buffer for an output of its shape and no output has a batch field's, so it would free
+                 # nothing (jax drops the donation and warns; tests/test_sharding.py).
                  donate_argnums=0)
   evaluate = jax.jit(functools.partial(eval_step, objective=objective),
                      in_shardings=(param_sh, batch_sh, rep), out_shardings=rep)

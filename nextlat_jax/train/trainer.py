@@ -2,8 +2,9 @@
 evaluate and save until `steps`, a stop request or an error (which saves the last good state).
 
 What is checked before compiling is in preflight.py, where a run starts (resume, restore_from, fresh) in
-resume.py, stop requests in interrupts.py, step timing in step_clock.py. Metrics of a logged step are
-read only after the next step has been dispatched, so the host never stalls the device.
+resume.py, stop requests in interrupts.py, step timing in step_clock.py, the profiler trace and the
+compilation cache in profiling.py. Metrics of a logged step are read only after the next step has been
+dispatched, so the host never stalls the device.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel import canary
 from nextlat_jax.parallel.mesh import make_mesh
-from nextlat_jax.train import checkpoint, interrupts, mfu, preflight, resume, sizes
+from nextlat_jax.train import checkpoint, interrupts, mfu, preflight, profiling, resume, sizes
 from nextlat_jax.train import step as step_lib
 from nextlat_jax.train.evaluate import heldout_metrics
 from nextlat_jax.train.metrics_writer import MetricsWriter
@@ -38,6 +39,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config, info = preflight.resolve(config)
   preflight.check_workdir(workdir)
+  profiling.use_compilation_cache(config.train.compilation_cache_dir)  # before anything compiles
   is_main = jax.process_index() == 0
   mesh = make_mesh(config.mesh)
   setup = step_lib.build(config, mesh)
@@ -73,7 +75,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # order relative to the training collectives on every process.
   background = bool(config.checkpoint.snapshot_on_device) and jax.process_count() == 1
   saver = mgr and checkpoint.BackgroundSaver(mgr, background)
-  loop = _Loop(config, setup, compiled, state, start, data_iter, eval_ds, writer, saver, rng, L)
+  profiler = profiling.StepProfiler(config.train.profile, workdir, start, int(config.steps))
+  loop = _Loop(config, setup, compiled, state, start, data_iter, eval_ds, writer, saver, rng, L, profiler)
   with interrupts.StopRequests() as stops, logging_redirect_tqdm(loggers=[logging.getLogger("nextlat_jax")]):
     try:
       loop.run(stops)
@@ -84,6 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise
     finally:
       try:
+        profiler.close(loop.step)
         if saver:
           saver.close()
       finally:
@@ -98,7 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class _Loop:
   """The step loop's state: the train state and its step, the last saved step, pending metrics."""
 
-  def __init__(self, config, setup, compiled, state, start, data_iter, eval_ds, writer, saver, rng, row_len):
+  def __init__(self, config, setup, compiled, state, start, data_iter, eval_ds, writer, saver, rng, row_len,
+               profiler):
     self.config, self.setup, self.compiled, self.state = config, setup, compiled, state
     self.step = self.saved = start
     self.data_iter, self.eval_ds, self.writer, self.saver, self.rng = data_iter, eval_ds, writer, saver, rng
@@ -108,6 +113,7 @@ class _Loop:
                             flops_per_step=mfu.step_flops(config, row_len),
                             peak_flops=peak * jax.device_count() if peak else None)
     self.pending: tuple | None = None
+    self.profiler = profiler
 
   def save(self, force: bool = False, with_data: bool = True) -> None:
     if self.saver is None or self.step == self.saved:
@@ -124,12 +130,14 @@ class _Loop:
   def run(self, stops: interrupts.StopRequests) -> None:
     c, every = self.config, int(self.config.checkpoint.every)
     for s in range(self.step, int(c.steps)):
+      self.profiler.before(s, self.state)
       try:
         local = next(self.data_iter)
       except StopIteration:
         raise interrupts.TrainingStopped(f"the train data ran out after step {s} (a stream shorter than steps="
                               f"{c.steps} x batch_size={c.batch_size} rows)") from None
       self.state, metrics = self.compiled(self.state, step_lib.global_batch(local, self.setup.batch_sharding), self.rng)
+      self.profiler.after(s, (self.state, metrics))
       self.step = done = s + 1
       if self.saver:
         self.saver.poll()
