@@ -8,6 +8,7 @@ p_psi hidden 768 (= 2D), float32. Rows are random tokens packed into documents s
   nextlat bench step --config=configs/bench_step.py [--workdir=DIR]   # DIR/bench_step.json
   nextlat bench step --config=configs/bench_step.py:nextlat            # GPT vs NextLat only
   nextlat bench step --config=configs/bench_step.py:smoke              # tiny model, seconds
+  nextlat bench step --config=configs/bench_step.py:vocab              # 4 x 128, V = 50,304 (GPT-2's, padded)
 
 Any trainable config works too (e.g. configs/quickstart.py): its own data pipeline then supplies the
 rows and `bench` takes its defaults.
@@ -52,6 +53,12 @@ def get_config(arg: str | None = None):
     c.dynamics.hidden = 128
     c.data.update(seq_len=32, mean_doc_len=8)
     c.bench.update(warmup_steps=1, rounds=2, steps_per_round=1, matmul_repeats=1)
+  elif arg == "vocab":  # where the vocabulary-wide arrays dominate: 16 rows x 129 tokens, GPT vs NextLat
+    c.batch_size = 16
+    c.model.update(vocab_size=50_304, d_model=128, n_layer=4, n_head=4)
+    c.dynamics.hidden = 256
+    c.data.update(seq_len=128, mean_doc_len=64)
+    c.bench.update(objectives=("nextlat",), rounds=12)
   elif arg:
-    raise ValueError(f"configs/bench_step.py: unknown preset {arg!r} (known: nextlat, smoke)")
+    raise ValueError(f"configs/bench_step.py: unknown preset {arg!r} (known: nextlat, smoke, vocab)")
   return c

@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
       kl_frozen_head=True,  # stop-gradient on W_head in the token-space term's logits; False: it trains the head
       token_loss="kl",  # term on head(ĥ): "kl" (teacher h_{t+i}) | "ce" (true x_{t+i+1}) | "none"
       next_h_loss="smooth_l1",  # "smooth_l1" | "mse" | "cosine" (1 - cos per position; losses.py)
-      remat_rollout=False,  # jax.checkpoint each rollout step (saves memory at large vocabularies)
+      remat_rollout=False,  # jax.checkpoint each rollout step's dynamics and next-h term (memory)
       # Positions (of every row) per chunk of the vocabulary-wide losses (CE, KL; objectives/vocab_losses.py):
       # no float32 (B, T, V) array is kept for the backward pass; 0: whole rows at once (the reference).
       vocab_chunk=256,

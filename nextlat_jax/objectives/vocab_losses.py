@@ -123,36 +123,42 @@ def _fused(chunk: int, token_loss: str, train_student_head: bool, dtype: Any, co
   kl = token_loss == "kl"
 
   def chunk_terms(head, h_c, s_KxBxCxD, t_c, m_c, ms_KxBxC, grads: bool):
-    """One chunk: (ce sum, (K,) term sums) and, if grads, (dh_c, ds_c, dW)."""
-    V = head.shape[1]
+    """One chunk: (ce sum, (K,) term sums) and, if grads, (dh_c, ds_c, dW). The students are visited by
+    an inner scan, so one student's (B, chunk, V) arrays are live at a time."""
+    V, K = head.shape[1], s_KxBxCxD.shape[0]
     z = _logits(h_c, head, dtype, constrain)
     lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
     onehot = _one_hot(t_c, V, constrain)
     ce = jnp.sum((lse[..., 0] - jnp.sum(onehot * z, axis=-1)) * m_c)
     log_q = z - lse
     q = jnp.exp(log_q)
-    toks, ds, dz_s = [], [], []
-    for k in range(s_KxBxCxD.shape[0]):
-      zs = _logits(s_KxBxCxD[k], head, dtype, constrain)
+
+    def student(_, x):
+      s_k, ms_k = x
+      zs = _logits(s_k, head, dtype, constrain)
       log_p = zs - jax.nn.logsumexp(zs, axis=-1, keepdims=True)
       per = jnp.sum(q * (log_q - log_p), axis=-1) if kl else -jnp.sum(onehot * log_p, axis=-1)
-      toks.append(jnp.sum(per * ms_KxBxC[k]))
-      if grads:
-        dzk = (jnp.exp(log_p) - (q if kl else onehot)) * ms_KxBxC[k][..., None]
-        ds.append(_back(dzk, head, dtype))
-        dz_s.append(dzk)
-    toks = jnp.stack(toks) if toks else jnp.zeros((0,), jnp.float32)
+      tok = jnp.sum(per * ms_k)
+      if not grads:
+        return None, tok
+      dz_k = (jnp.exp(log_p) - (q if kl else onehot)) * ms_k[..., None]
+      out = (tok, _back(dz_k, head, dtype))
+      return None, out + ((_outer(s_k, dz_k, dtype),) if train_student_head else ())
+
+    if K:
+      ys = jax.lax.scan(student, None, (s_KxBxCxD, ms_KxBxC))[1]
+    else:
+      ys = (jnp.zeros((0,), jnp.float32), jnp.zeros(s_KxBxCxD.shape, jnp.float32), jnp.zeros((0, *head.shape)))
     if not grads:
-      return ce, toks
+      return ce, ys if K else ys[0]
+    toks, ds = ys[0], ys[1]
     dz = (q - onehot) * m_c[..., None]
     # The head's gradient: the CE's, then (train_student_head) each student term's, kept apart because
     # each term gets its own cotangent in the backward pass.
-    dW = [_outer(h_c, dz, dtype)]
+    dW = _outer(h_c, dz, dtype)[None]
     if train_student_head:
-      dW += [_outer(s_KxBxCxD[k], dzk, dtype) for k, dzk in enumerate(dz_s)]
-    dW = constrain(jnp.stack(dW), (None, "embed", "vocab"))
-    ds = jnp.stack(ds) if ds else jnp.zeros_like(s_KxBxCxD, jnp.float32)
-    return ce, toks, _back(dz, head, dtype), ds, dW
+      dW = jnp.concatenate([dW, ys[2]])
+    return ce, toks, _back(dz, head, dtype), ds, constrain(dW, (None, "embed", "vocab"))
 
   def scan(head, h, s, t, m, ms, grads: bool):
     xs = (_to_chunks(h, chunk, 1), _to_chunks(s, chunk, 2), _to_chunks(t, chunk, 1), _to_chunks(m, chunk, 1),
