@@ -26,6 +26,7 @@ def get_config(arg: str | None = None):
   c.microbatches = 1
   c.mesh.update(data=1, fsdp=1, tensor=1)
   c.objective.remat_rollout = False
+  c.model.attention_impl = "auto"  # the Pallas flash kernel on GPU / TPU (xla on CPU); fused losses by default
   c.data = ml_collections.ConfigDict(dict(name="random", seq_len=1024, eos_id=50256, mean_doc_len=512,
                                           context_length=-1))
   c.bench = bench_step.get_config().bench

@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
       remat_rollout=False,  # jax.checkpoint each rollout step's dynamics and next-h term (memory)
       # Positions (of every row) per chunk of the vocabulary-wide losses (CE, KL; objectives/vocab_losses.py):
       # no float32 (B, T, V) array is kept for the backward pass; 0: whole rows at once (the reference).
-      vocab_chunk=256,
+      vocab_chunk=32,
       # Baselines (BASELINES.md; docs/baselines.md). MTP / JTP / mtp_deepseek also read horizon and
       # remat_rollout (then: checkpoint each extra head / slot / module).
       lambda_mtp=1.0,  # mtp, jtp, mtp_deepseek aux. weight: FineWeb-Edu's untuned 1.0 (per task: not reported)
