@@ -97,19 +97,22 @@ def test_horizon_too_long_raises():
 def test_matches_xla_cost_analysis(name, horizon):
   """XLA's flop count of the compiled float32 train step is within 15% of the analytic one.
 
-  Layers are unrolled (scan_layers=False): XLA's cost analysis counts a while-loop body once, so with
-  the scanned trunk it would see one layer instead of n_layer. XLA counts elementwise work too (norms,
+  Layers are unrolled (scan_layers=False) and the vocabulary losses unfused (vocab_chunk=0): XLA's cost
+  analysis counts a while-loop body once, so with the scanned trunk it would see one layer instead of
+  n_layer, and with the fused losses one chunk of positions and one rollout step's head term. The fused
+  losses do the same matmuls (objectives/vocab_losses.py); the FLOP model counts the math, not the loop. XLA counts elementwise work too (norms,
   softmaxes, GELU, losses, AdamW), 1 flop per element op, so it sits a few percent above the matmul-only
   model (about +3-5% at this size); XLA's dot count is 2 flops per multiply-add, like ours.
   """
   c = _config(name, horizon, vocab_size=512, d_model=128, n_layer=2, n_head=4, ffn_width=0,
               scan_layers=False)
+  B, L = 4, 65
   c.dynamics.hidden = 256
+  c.objective.vocab_chunk = 0
   c.mesh.update(data=1, fsdp=1, tensor=1)
   validate(c, 1)
   mesh = make_mesh(c.mesh, jax.devices()[:1])
   setup = step_lib.build(c, mesh)
-  B, L = 4, 65
   compiled = setup.step.lower(setup.abstract_state, setup.abstract_batch(B, L), setup.abstract_rng()).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

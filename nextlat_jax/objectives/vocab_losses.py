@@ -146,7 +146,7 @@ def _fused(chunk: int, token_loss: str, train_student_head: bool, dtype: Any, co
       return None, out + ((_outer(s_k, dz_k, dtype),) if train_student_head else ())
 
     if K:
-      ys = jax.lax.scan(student, None, (s_KxBxCxD, ms_KxBxC))[1]
+      ys = _scan(student, None, (s_KxBxCxD, ms_KxBxC))[1]
     else:
       ys = (jnp.zeros((0,), jnp.float32), jnp.zeros(s_KxBxCxD.shape, jnp.float32), jnp.zeros((0, *head.shape)))
     if not grads:
@@ -176,7 +176,7 @@ def _fused(chunk: int, token_loss: str, train_student_head: bool, dtype: Any, co
       ce, toks, dh_c, ds_c, dW = out
       return (carry[0] + ce, carry[1] + toks, carry[2] + dW), (dh_c, ds_c)
 
-    carry, ys = jax.lax.scan(step, zero, xs)
+    carry, ys = _scan(step, zero, xs)
     if not grads:
       return carry
     P = h.shape[1]
@@ -215,3 +215,11 @@ def _back(dz: Array, head: Array, dtype: Any) -> Array:
 def _outer(h: Array, dz: Array, dtype: Any) -> Array:
   """states^T dz summed over rows and positions: the gradient wrt W of logits = states @ W."""
   return jnp.einsum("bcd,bcv->dv", h.astype(dtype), dz.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _scan(f: Callable, init: Any, xs: Any):
+  """jax.lax.scan, or for a single iteration f applied directly (a while loop less to compile)."""
+  if jax.tree.leaves(xs)[0].shape[0] != 1:
+    return jax.lax.scan(f, init, xs)
+  carry, y = f(init, jax.tree.map(lambda a: a[0], xs))
+  return carry, jax.tree.map(lambda a: a[None], y)
