@@ -29,12 +29,15 @@ def denominators(counts: Counts | None) -> Callable[[str], Array | None]:
   return lambda name: counts[name]
 
 
+def denominator(count: Array | None, mask: Array) -> Array:
+  """max(count, 1), count defaulting to the mask's own count: a masked mean's divisor."""
+  return jnp.maximum(mask_count(mask) if count is None else count, 1.0)
+
+
 def masked_mean(x: Array, mask: Array, count: Array | None = None) -> Array:
   """sum(x over mask) / max(count, 1); count defaults to the mask's own count (the mean over mask, 0
   when empty). Given the count of a larger batch, this batch's share of that batch's mean."""
-  mask = mask.astype(jnp.float32)
-  count = jnp.sum(mask) if count is None else count
-  return jnp.sum(x.astype(jnp.float32) * mask) / jnp.maximum(count, 1.0)
+  return jnp.sum(x.astype(jnp.float32) * mask.astype(jnp.float32)) / denominator(count, mask)
 
 
 def token_cross_entropy(logits_BxTxV: Array, targets_BxT: Array) -> Array:

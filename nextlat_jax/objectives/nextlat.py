@@ -20,7 +20,7 @@ from nextlat_jax.errors import need
 from nextlat_jax.models import dynamics as dynamics_lib
 from nextlat_jax.objectives.base import Objective
 from nextlat_jax.objectives.gpt import init_trunk, trunk_module, vocab_options
-from nextlat_jax.objectives.losses import (NEXT_H_LOSSES, Counts, denominators, mask_count, mask_counts,
+from nextlat_jax.objectives.losses import (NEXT_H_LOSSES, Counts, denominator, denominators, mask_counts,
                                            next_latent_loss)
 from nextlat_jax.objectives.vocab_losses import head_losses
 from nextlat_jax.parallel.sharding import logical_rules
@@ -72,11 +72,6 @@ def term_masks(batch: dict, horizon: int, eos_id: int, eos_mask: str, token_key:
     if token_key:
       masks[f"{token_key}_{i}"] = m_h_BxT[:, :-1] & m_tok_BxT[:, i:]
   return masks
-
-
-def _denominator(count: jax.Array | None, mask: jax.Array) -> jax.Array:
-  """max(count, 1), count defaulting to the mask's (as losses.masked_mean)."""
-  return jnp.maximum(mask_count(mask) if count is None else count, 1.0)
 
 
 def build(config: Any, mesh: Any = None) -> Objective:
@@ -137,11 +132,11 @@ def build(config: Any, mesh: Any = None) -> Objective:
         h_BxTxD[:, :-1], params["trunk"]["head"], targets_BxT, masks["ce"],
         jnp.stack(students) if students else None, jnp.stack(student_masks) if students else None,
         token_loss=token_loss if token_key else "kl", train_student_head=not frozen_head, **vocab)
-    ce = ce_sum / _denominator(denom("ce"), masks["ce"])
+    ce = ce_sum / denominator(denom("ce"), masks["ce"])
     total_tok = 0.0
     for i in range(1, horizon + 1) if token_key else ():
       key = f"{token_key}_{i}"
-      metrics[key] = tok_sums[i - 1] / _denominator(denom(key), masks[key])
+      metrics[key] = tok_sums[i - 1] / denominator(denom(key), masks[key])
       total_tok = total_tok + metrics[key]
     next_h, tok = total_h / horizon, total_tok / horizon
     total = ce + lam_h * next_h + lam_kl * tok

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from nextlat_jax.objectives.losses import forward_kl, token_cross_entropy
+from nextlat_jax.models.transformer import unembed
+from nextlat_jax.objectives.losses import denominator, forward_kl, token_cross_entropy
 
 Array = jax.Array
 Constrain = Callable[[Array, tuple], Array]
@@ -90,13 +91,11 @@ def head_cross_entropy(h_BxPxD: Array, head_DxV: Array, targets_BxP: Array, mask
                        count: Array | None = None, **options: Any) -> Array:
   """The masked mean of -log softmax(h @ W)[target]: the CE sum / max(count, 1), count defaulting to
   the mask's (as `losses.masked_mean`). options: head_losses' keywords (dtype, chunk, constrain)."""
-  count = jnp.sum(mask_BxP.astype(jnp.float32)) if count is None else count
-  return head_losses(h_BxPxD, head_DxV, targets_BxP, mask_BxP, **options)[0] / jnp.maximum(count, 1.0)
+  return head_losses(h_BxPxD, head_DxV, targets_BxP, mask_BxP, **options)[0] / denominator(count, mask_BxP)
 
 
-def _logits(h: Array, head_DxV: Array, dtype: Any, constrain: Constrain) -> Array:
-  z = jnp.einsum("...d,dv->...v", h.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-  return constrain(z, LOGIT_AXES)
+def _logits(h_BxCxD: Array, head_DxV: Array, dtype: Any, constrain: Constrain) -> Array:
+  return constrain(unembed(h_BxCxD, head_DxV, dtype), LOGIT_AXES)
 
 
 def _one_hot(targets: Array, V: int, constrain: Constrain) -> Array:
