@@ -10,7 +10,7 @@ LOG_DIR=${LOG_DIR:-/tmp/nextlat_local}
 mkdir -p "$LOG_DIR"
 pids=()
 for ((i = 0; i < N; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$D" \
     nextlat "$@" --coordinator_address="localhost:$PORT" --num_processes="$N" --process_id="$i" \
     >"$LOG_DIR/process_$i.log" 2>&1 &
   pids+=($!)

@@ -173,7 +173,7 @@ def test_metric_runs_on_a_model():
   assert c.optimizer.name == "muon" and c.objective.name == "nextlat"
   c = load_config("gpt")
   c.data.update(seq_len=12)
-  c.model.update(d_model=16, n_layer=1, n_head=2)
+  c.model.update(d_model=16, n_layer=1, n_head=2, ffn_width=32)
   cfg, info = preflight.resolve(c)
   assert cfg.model.vocab_size == info.vocab_size == 4
   mesh = make_mesh(cfg.mesh, jax.devices()[:2])

@@ -16,7 +16,7 @@ from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import checkpoint, evaluate, resume
 from nextlat_jax.train import step as step_lib
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 sys.path.insert(0, str(REPO))
 from configs import quickstart  # noqa: E402
@@ -28,7 +28,7 @@ TINY = ["--config.model.n_layer=2", "--config.model.d_model=64", "--config.dynam
 
 def _cli(workdir, *flags):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   return subprocess.Popen([sys.executable, "-m", "nextlat_jax.cli", "train", "--config=configs/quickstart.py",
                            f"--workdir={workdir}", *TINY, *flags],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -33,6 +33,7 @@ BAD = [
     ({"objective.name": "bert"}, "objective.name='bert'", "unknown objective"),
     ({"batch_size": 12}, "batch_size=12", "divisible by the data-parallel size mesh.data*mesh.fsdp=8"),
     ({"optimizer.schedule": "linear"}, "optimizer.schedule='linear'", "must be one of"),
+    ({"model.d_model": 16, "model.n_head": 2}, "model.ffn_width=0", "= 0 for d_model=16; set a width"),
     ({"model.remat": "some"}, "model.remat='some'", "must be one of"),
     ({"model.vocab_size": 10}, "model.vocab_size=10", "smaller than the dataset's vocabulary (74)"),
     ({"model.dtype": "float16"}, "model.dtype='float16'", "must be one of"),

@@ -10,7 +10,7 @@ from nextlat_jax.config import base_config, validate
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
 
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 
 def _config(name: str, horizon: int = 1, **model) -> ml_collections.ConfigDict:
@@ -157,7 +157,7 @@ def test_device_check_script_fits_the_batch_on_cpu(tmp_path):
   import sys
   # a fresh compilation cache: nothing carried over from another run (tests/conftest.py)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   out = subprocess.run(["bash", "launch/device_check.sh", str(tmp_path), "--config=configs/device_check.py:smoke"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 FLAGS = ["train", "--config=configs/quickstart.py", "--config.model.n_layer=2", "--config.model.d_model=64",
          "--config.dynamics.hidden=128", "--config.data.seq_len=64", "--config.log_every=1",
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{CPU_FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
               LOG_DIR=os.environ.get("LOG_DIR", "/tmp/nextlat_local"))
 
 

@@ -16,7 +16,7 @@ from nextlat_jax.eval.metrics import perplexity as ppl
 from nextlat_jax.eval.metrics import probes
 from nextlat_jax.eval.metrics import rank
 from nextlat_jax.run import load_run
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 
 # ---- effective rank ----
@@ -198,7 +198,7 @@ def test_orbax_read_only_notices_are_dropped(tmp_path, caplog):
 
 def test_nextlat_eval_writes_task_json_and_pngs(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   tiny = ["--config.model.d_model=32", "--config.model.n_layer=1", "--config.model.n_head=2",
           "--config.batch_size=8", "--config.data.seq_len=64"]
   cli = [sys.executable, "-m", "nextlat_jax.cli"]

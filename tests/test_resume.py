@@ -21,7 +21,7 @@ from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.parallel.sharding import batch_sharding, logical_rules
 from nextlat_jax.train import checkpoint, interrupts, preflight, trainer
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 from tests.test_checkpoint import TINY, _config, _losses, _setup, _wait_for_step
 
 sys.path.insert(0, str(REPO))
@@ -32,7 +32,7 @@ LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
 
 def _run(workdir, *flags, steps=10):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   return subprocess.run([sys.executable, "-m", "nextlat_jax.cli", "train", "--config=configs/quickstart.py",
                          f"--workdir={workdir}", *TINY, f"--config.steps={steps}", *flags],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -154,7 +154,7 @@ def test_skipped_or_incomplete_saves_are_errors(tmp_path):
 
 def test_ctrl_c_saves_at_the_step_boundary_and_exits_130(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   proc = subprocess.Popen([sys.executable, "-m", "nextlat_jax.cli", "train", "--config=configs/quickstart.py",
                            f"--workdir={tmp_path}", *TINY, "--config.steps=100000", "--config.checkpoint.every=1000"],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

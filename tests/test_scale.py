@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 
 def _run(*args, timeout=900):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device
   out = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import CPU_FAST_COMPILE, REPO
 
 WORDS = {"adj": ["red", "small", "old", "quiet", "bright", "cold"],
          "noun": ["cat", "dog", "river", "house", "garden", "ship", "tree", "bird"],
@@ -41,7 +41,7 @@ def offline_env(tmp_path_factory) -> dict:
   home = tmp_path_factory.mktemp("home")
   env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
              TRANSFORMERS_OFFLINE="1", HF_HOME=str(home / "hf"))
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env["XLA_FLAGS"] = CPU_FAST_COMPILE  # one CPU device, as a user runs it
   return env
 
 

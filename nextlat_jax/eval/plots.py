@@ -111,3 +111,43 @@ def probe_ce(ce_by_offset: Mapping, path: str, title: str = "probe CE by offset"
              ylabel: str = "CE (nats)") -> str:
   """ce_by_offset: {offset: value} or {model name: {offset: value}}."""
   return accuracy_by_length(ce_by_offset, path, title=title, xlabel="offset k", ylabel=ylabel)
+
+
+def seed_curves(panels: Sequence[Mapping], path: str, xlabel: str = "training rows") -> str:
+  """One panel per entry {title, ylabel, lines: {name: {seed: [(x, y)]}}, marks: {label: y}}: each line is
+  the mean over its seeds at the x values every seed reached, with a +-1 std band, and a dotted
+  horizontal line per mark (e.g. the paper's value, chance)."""
+  if not panels:
+    raise ValueError("seed_curves: nothing to plot")
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6), squeeze=False)
+  for ax, panel in zip(axes.flat, panels):
+    shown = []
+    for name, by_seed in panel["lines"].items():
+      xs, mean, std = mean_std(by_seed)
+      if not xs:
+        continue
+      line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{name} (n={len(by_seed)})")
+      ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                      color=line.get_color(), alpha=0.2, lw=0)
+      shown += [m - s for m, s in zip(mean, std)] + [m + s for m, s in zip(mean, std)]
+    for k, (label, y) in enumerate(panel.get("marks", {}).items()):
+      ax.axhline(y, ls=":", lw=1.2, color=f"C{7 + k % 3}", label=label)
+      shown.append(y)
+    if shown:
+      tidy_y(ax, shown, percent="%" in panel["ylabel"])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(panel["ylabel"])
+    ax.set_title(panel["title"], fontsize=10)
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def mean_std(by_seed: Mapping) -> tuple[list, list[float], list[float]]:
+  """(xs, mean, sample std (n - 1; 0 for one seed)) over the seeds of {seed: [(x, y)]}, at the x values all seeds have."""
+  tables = [dict(points) for points in by_seed.values()]
+  if not tables:
+    return [], [], []
+  xs = sorted(set.intersection(*(set(t) for t in tables)))
+  mean = [sum(t[x] for t in tables) / len(tables) for x in xs]
+  std = [(sum((t[x] - m) ** 2 for t in tables) / max(len(tables) - 1, 1)) ** 0.5 for x, m in zip(xs, mean)]
+  return xs, mean, std

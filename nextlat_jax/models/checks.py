@@ -17,6 +17,9 @@ def validate(config: Any, data_vocab: int | None = None) -> None:
   need(m.d_model % m.n_head == 0, "model.d_model", m.d_model, f"must be divisible by model.n_head={m.n_head}")
   need((m.d_model // m.n_head) % 2 == 0, "model.n_head", m.n_head, "head_dim must be even for RoPE")
   need(m.vocab_size >= 1, "model.vocab_size", m.vocab_size, "must be >= 1")
+  need(int(m.ffn_width) >= 0, "model.ffn_width", m.ffn_width, "must be >= 0 (0: the reference's width)")
+  need(ffn_width(m.d_model, m.ffn_width) >= 1, "model.ffn_width", m.ffn_width,
+       f"0 gives 128 * round(8 * d_model / 3 / 128) = 0 for d_model={m.d_model}; set a width")
   if data_vocab is not None:
     need(m.vocab_size >= data_vocab, "model.vocab_size", m.vocab_size,
          f"smaller than the dataset's vocabulary ({data_vocab})")

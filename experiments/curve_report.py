@@ -1,0 +1,133 @@
+"""The result files of experiments/curves.py: OUT.md (setting, compute used, mean +- std per evaluation,
+whether the paper's effect appears) and OUT.png (nextlat_jax.eval.plots.seed_curves), from the
+curve.jsonl of every run in the experiment's folder."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+
+from experiments import curve_experiments as registry
+from nextlat_jax.eval import plots
+
+
+def read_curve(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, "curve.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(exp: registry.Experiment, folder: str, seeds: int) -> dict[str, dict[int, list[dict]]]:
+  """{label: {seed: curve rows by step}} (the latest row of a step wins)."""
+  out = {}
+  for label in exp.runs:
+    out[label] = {}
+    for seed in range(seeds):
+      by_step = {r["step"]: r for r in read_curve(os.path.join(folder, label, f"seed{seed}"))}
+      out[label][seed] = [by_step[s] for s in sorted(by_step)]
+  return out
+
+
+def machine() -> str:
+  model = platform.processor() or platform.machine()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    model = names[0] if names else model
+  return f"{os.cpu_count()} x {model}, {jax.devices()[0].platform}, jax {jax.__version__}"
+
+
+def series(curves: dict, label: str, key: str) -> dict[int, list[tuple[int, float]]]:
+  return {seed: [(r["rows"], r[key]) for r in rows if key in r] for seed, rows in curves[label].items() if rows}
+
+
+def verdict(exp: registry.Experiment, curves: dict) -> str:
+  e = exp.effect
+  panel = exp.panels[e.panel]
+  lines = {name: series(curves, label, key) for name, label, key in panel.lines}
+  a, b = lines[e.better], lines[e.other]
+  if not a or not b:
+    return "No measurement of both lines yet."
+  xs_a, mean_a, std_a = plots.mean_std(a)
+  xs_b, mean_b, std_b = plots.mean_std(b)
+  common = sorted(set(xs_a) & set(xs_b))
+  if not common:
+    return "No evaluation reached by every run of both lines yet."
+  x = common[-1]
+  ma, sa = mean_a[xs_a.index(x)], std_a[xs_a.index(x)]
+  mb, sb = mean_b[xs_b.index(x)], std_b[xs_b.index(x)]
+  na, nb = len(a), len(b)
+  diff = (ma - mb) if e.higher_is_better else (mb - ma)
+  se = (sa ** 2 / na + sb ** 2 / nb) ** 0.5
+  facts = (f"At {x:,} training rows: {e.better} {ma:.3g} +- {sa:.2g} (n={na}) vs {e.other} {mb:.3g} +- {sb:.2g} "
+           f"(n={nb}); the difference in the paper's direction is {diff:+.3g} (standard error {se:.2g}).")
+  if min(na, nb) < 2:
+    call = "With one seed a side there is no noise estimate: no call is made."
+  elif diff > 2 * se and diff > 0:
+    call = "**The paper's effect appears** at this budget (more than 2 standard errors in its direction)."
+  elif diff < -2 * se:
+    call = "**The opposite of the paper's effect** is measured at this budget (more than 2 standard errors)."
+  else:
+    call = "**The paper's effect does not appear** at this budget: the difference is within 2 standard errors."
+  return f"The paper: {e.claim}. {facts} {call}"
+
+
+def table(exp: registry.Experiment, panel: registry.Panel, curves: dict) -> list[str]:
+  names = [name for name, _, _ in panel.lines]
+  out = [f"### {panel.title}: {panel.ylabel}, mean +- std over seeds", "",
+         "| step | rows | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+  by_name = {name: series(curves, label, key) for name, label, key in panel.lines}
+  steps = sorted({(r["step"], r["rows"]) for runs in curves.values() for rows in runs.values() for r in rows})
+  for step, rows in steps:
+    cells = []
+    for name in names:
+      values = [dict(points)[rows] for points in by_name[name].values() if rows in dict(points)]
+      if not values:
+        cells.append("")
+        continue
+      m = sum(values) / len(values)
+      s = (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+      cells.append(f"{m:.2f} +- {s:.2f} (n={len(values)})")
+    out.append(f"| {step:,} | {rows:,} | " + " | ".join(cells) + " |")
+  marks = "; ".join(f"{k} = {v:.3g}" for k, v in panel.marks.items())
+  return out + ["", f"Marked in the plot: {marks}." if marks else "", ""]
+
+
+def compute(curves: dict, total: int) -> list[str]:
+  out = ["| run | seeds | steps reached (of the budget) | train wall | eval wall | process CPU |",
+         "|---|---|---|---|---|---|"]
+  for label, runs in curves.items():
+    reached = [rows[-1]["step"] for rows in runs.values() if rows] or [0]
+    tot = lambda k: sum(r.get(k, 0.0) for rows in runs.values() for r in rows)
+    out.append(f"| {label} | {sum(1 for rows in runs.values() if rows)} | {min(reached):,}-{max(reached):,} of {total:,} | "
+               f"{tot('train_s') / 60:.1f} min | {tot('eval_s') / 60:.1f} min | {tot('cpu_s') / 60:.1f} min |")
+  return out
+
+
+def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, out: str, smoke: bool) -> dict:
+  """Writes OUT.md and OUT.png from the runs in `folder`; returns {label: {seed: rows}}."""
+  curves = collect(exp, folder, seeds)
+  png = out + ".png"
+  plots.seed_curves([{"title": p.title, "ylabel": p.ylabel, "marks": p.marks,
+                      "lines": {name: series(curves, label, key) for name, label, key in p.lines}}
+                     for p in exp.panels], png)
+  done = all(rows and rows[-1]["step"] >= total for runs in curves.values() for rows in runs.values())
+  lines = [f"# {exp.title}", "",
+           f"Written by `python experiments/curves.py --experiment={exp.name} --seeds={seeds}"
+           f"{' --smoke' if smoke else ''}` ({time.strftime('%Y-%m-%d %H:%M')}); runs in `{folder}`. "
+           + ("Every run reached its budget." if done else
+              "**Unfinished**: the same command continues every run from its checkpoint."), "",
+           f"Setting: {exp.setting}" + (" (--smoke: a 1 x 16 model, plumbing only)" if smoke else ""), "",
+           f"![curves]({os.path.basename(png)})", "", "## Does the paper's effect appear?", "",
+           verdict(exp, curves), "", "## Curves", ""]
+  for panel in exp.panels:
+    lines += table(exp, panel, curves)
+  lines += ["## Compute used", "", f"Machine: {machine()}.", ""] + compute(curves, total) + [""]
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines))
+  return curves
