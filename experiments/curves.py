@@ -9,7 +9,7 @@ objective, the paper's value and chance dotted).
 Runs advance round-robin one evaluation interval at a time (every objective and seed reaches step k
 before any reaches k + eval_every), each from its checkpoint, so a rerun (next session, after a budget
 stop, Ctrl-C or a kill) continues every unfinished run where it stopped. Each measurement is appended to
-RUN/curve.jsonl; the result files are rewritten after every round. --smoke shrinks the model for a
+RUN/curve.jsonl; the result files are rewritten after every measurement. --smoke shrinks the model for a
 check of the plumbing (its results go to the workdir, not experiments/).
 """
 from __future__ import annotations
@@ -46,6 +46,10 @@ def advance(exp: registry.Experiment, label: str, seed: int, folder: str, target
   config = run_config(exp, label, seed, folder, smoke, target)
   t0, c0 = time.time(), time.process_time()
   trainer.train(config, run_dir)
+  saved = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+  if max(saved, default=0) != target:  # a SIGTERM: the trainer saved at a step boundary and returned
+    print(f"{run_dir} stopped at step {max(saved, default=0)} before {target}; rerun to continue", flush=True)
+    sys.exit(0)
   t1 = time.time()
   metrics = exp.measure(run_dir, config)
   row = {"step": target, "rows": target * int(config.batch_size), **metrics, "train_s": round(t1 - t0, 1),
@@ -59,7 +63,7 @@ def run_experiment(exp: registry.Experiment, folder: str, seeds: int, budget_hou
                    steps: int | None = None, eval_every: int | None = None, out: str | None = None,
                    runs: list[str] | None = None) -> dict:
   """Advances every (label, seed) run (of `runs`; default all) round-robin until each reaches `steps` or
-  the budget is spent; rewrites the report after every round. Returns {label: {seed: curve rows}}."""
+  the budget is spent; rewrites the report after every measurement. Returns {label: {seed: curve rows}}."""
   unknown = sorted(set(runs or ()) - set(exp.runs))
   if unknown:
     raise ConfigError("--runs", ",".join(unknown), f"unknown; {exp.name} has {', '.join(exp.runs)}")
@@ -90,7 +94,7 @@ def run_experiment(exp: registry.Experiment, folder: str, seeds: int, budget_hou
       shown = {k: round(v, 3) for k, v in row.items() if k not in ("step", "rows") and isinstance(v, float)}
       print(f"[{done}/{segments}, ETA {eta / 3600:.1f} h] {exp.name} {label} seed {seed} step {target}/{total}: "
             f"{shown}", flush=True)
-    write_report(exp, folder, seeds, total, out, smoke)
+      write_report(exp, folder, seeds, total, out, smoke)  # a stop anywhere leaves a current report
   return write_report(exp, folder, seeds, total, out, smoke)
 
 
