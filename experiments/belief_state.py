@@ -10,7 +10,6 @@ control row scores a GPT at initialisation. One Markdown table is written, every
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from nextlat_jax.config import load_config_file
 from nextlat_jax.eval import run as eval_run
 from nextlat_jax.eval.metrics import belief
 from nextlat_jax.parallel.mesh import make_mesh
@@ -35,10 +35,7 @@ LABELS = {"gpt_init": "GPT at initialisation (control)", "gpt": "GPT, AdamW", "n
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("cfg_hmm_belief", os.path.join(REPO, "configs", "hmm_belief.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("hmm_belief", arg)
 
 
 def experiment_config(arg: str, seed: int, args: argparse.Namespace):

@@ -41,14 +41,14 @@ def run_config(exp: registry.Experiment, label: str, seed: int, folder: str, smo
 
 def advance(exp: registry.Experiment, label: str, seed: int, folder: str, target: int, smoke: bool) -> dict:
   """Trains run (label, seed) to step `target` (from its checkpoint), measures it, appends to curve.jsonl."""
-  from nextlat_jax.train import trainer
+  from nextlat_jax.train import checkpoint, trainer
   run_dir = os.path.join(folder, label, f"seed{seed}")
   config = run_config(exp, label, seed, folder, smoke, target)
   t0, c0 = time.time(), time.process_time()
   trainer.train(config, run_dir)
-  saved = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
-  if max(saved, default=0) != target:  # a SIGTERM: the trainer saved at a step boundary and returned
-    print(f"{run_dir} stopped at step {max(saved, default=0)} before {target}; rerun to continue", flush=True)
+  latest = checkpoint.manager(os.path.join(run_dir, "checkpoints"), None, read_only=True).latest_step() or 0
+  if latest != target:  # a SIGTERM: the trainer saved at a step boundary and returned
+    print(f"{run_dir} stopped at step {latest} before {target}; rerun to continue", flush=True)
     sys.exit(0)
   t1 = time.time()
   metrics = exp.measure(run_dir, config)

@@ -13,7 +13,6 @@ objective-side option of the issue 5 part A report), A5 is skipped and the table
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -29,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from nextlat_jax import objectives  # noqa: E402
+from nextlat_jax.config import load_config_file
 from nextlat_jax.data import pipeline  # noqa: E402
 from nextlat_jax.eval import run as eval_run  # noqa: E402
 from nextlat_jax.train import preflight, trainer  # noqa: E402
@@ -41,11 +41,7 @@ PAPER = {  # TASKS.md: Path-Star Fig. 6 (exact-path %, G_{2,10}; G_{2,5} is not 
 }
 
 
-def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+load_config = load_config_file
 
 
 def experiment_config(task: str, objective: str, args: argparse.Namespace):

@@ -8,13 +8,18 @@ runs at import time beyond ml_collections.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 
 import ml_collections
 
 from nextlat_jax.errors import ConfigError, need
 
-__all__ = ["ConfigError", "base_config", "from_saved", "parse_preset", "validate"]
+__all__ = ["ConfigError", "base_config", "from_saved", "load_config_file", "parse_preset", "validate"]
+
+# the repo's configs/ (beside the package in a source checkout or an editable install)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_preset(arg: str | None, where: str, option: str, option_help: str
@@ -36,6 +41,19 @@ def parse_preset(arg: str | None, where: str, option: str, option_help: str
     else:
       raise ValueError(f"{where} argument part {part!r}: expected an objective {names}, {option_help} or 'tiny'")
   return name, match, tiny
+
+
+def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of configs/NAME.py (or of the file NAME when it ends in .py), as
+  `--config=configs/NAME.py:ARG` builds it, for scripts and tests that build configs in Python."""
+  path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise ConfigError("config file", path, "not found")
+  module_name = "nextlat_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def base_config() -> ml_collections.ConfigDict:

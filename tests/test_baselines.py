@@ -10,7 +10,6 @@
 - bad config values give their named ConfigError.
 """
 import functools
-import importlib.util
 
 import flax.linen as nn
 import jax
@@ -20,12 +19,12 @@ import numpy as np
 import pytest
 
 from nextlat_jax import config as config_lib
+from nextlat_jax.config import load_config_file
 from nextlat_jax import flops, info, objectives
 from nextlat_jax.data import packing
 from nextlat_jax.models.transformer import Block, ModelConfig, Stack, document_mask
 from nextlat_jax.objectives import bst, jtp, mtp, mtp_deepseek
 
-from tests.conftest import REPO
 
 V, EOS, PAD, B, L, D = 11, 1, 0, 4, 13, 16
 LAM = 0.7
@@ -489,19 +488,12 @@ def test_info_json_and_flops():
 
 
 # ------------------------------------------------------------------------------------ sharded training
-def _quickstart():
-  spec = importlib.util.spec_from_file_location("quickstart_config", REPO / "configs" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config
-
-
 @pytest.mark.parametrize("name", ["mtp", "mtp_deepseek", "jtp", "bst"])
 def test_trains_on_sharded_mesh(name):
   from nextlat_jax.data.pipeline import dataset_info, make_dataset
   from nextlat_jax.parallel.mesh import make_mesh
   from nextlat_jax.train import step as step_lib
-  c = _quickstart()(name)
+  c = load_config_file("quickstart", name)
   c.data.seq_len = 32
   ds_info = dataset_info(c.data)
   c.model.update(vocab_size=ds_info.vocab_size, d_model=32, n_layer=2, n_head=4, ffn_width=64)

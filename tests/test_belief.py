@@ -7,7 +7,6 @@
 - The source's batches satisfy the batch contract; the metric runs on a model through `nextlat eval`'s
   registry entry.
 """
-import importlib.util
 import itertools
 import math
 
@@ -15,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
+from nextlat_jax.config import load_config_file
 from nextlat_jax.data import packing, pipeline
 from nextlat_jax.data.tasks import hmm as hmm_lib
 from nextlat_jax.eval import TASK_METRICS
 from nextlat_jax.eval.metrics import belief
-from tests.conftest import REPO
 
 
 def small_hmm(seed=0, K=3, M=2):
@@ -155,10 +154,7 @@ def dict_cfg(cfg, **kw):
 
 
 def load_config(arg):
-  spec = importlib.util.spec_from_file_location("cfg_hmm_belief", REPO / "configs" / "hmm_belief.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("hmm_belief", arg)
 
 
 def test_metric_runs_on_a_model():

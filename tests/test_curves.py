@@ -16,6 +16,15 @@ def test_mean_std_over_the_steps_every_seed_reached():
   assert xs == [1, 2] and mean == [2.0, 4.0] and std == pytest.approx([2 ** 0.5] * 2)  # sample std
 
 
+def test_curve_axes_start_at_zero_rows(tmp_path: pathlib.Path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+  panel = {"title": "t", "ylabel": "exact (%)", "lines": {"GPT": {0: [(6400, 10.0)], 1: [(6400, 12.0)]}},
+           "marks": {"chance": 50.0}}
+  plots.seed_curves([panel], str(tmp_path / "c.png"))
+  assert figures[0].axes[0].get_xlim()[0] == 0  # one evaluation in: still anchored at 0 rows
+
+
 def _curves(better: list[float], other: list[float]) -> dict:
   rows = lambda values: {s: [{"step": 1, "rows": 8, "exact": v}] for s, v in enumerate(values)}
   return {"gpt": rows(other), "nextlat": rows(better), "mtp": {}}

@@ -331,23 +331,18 @@ def test_lambada_and_fineweb_validation(tmp_path):
 
 @pytest.mark.parametrize("name", ["fineweb_edu_stream", "fineweb_edu_pretok"])
 def test_configs_resolve_and_validate(name, parquet_dir, prepared):
-  import importlib.util
 
   import jax
 
   from nextlat_jax import config as config_lib
   from nextlat_jax.train import preflight
-  from tests.conftest import REPO
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_config_file(name)
   config.data.path = str(parquet_dir[0] if name.endswith("stream") else prepared[0])
   resolved, info = preflight.resolve(config)
   config_lib.validate(resolved, jax.device_count(), data_vocab=info.vocab_size)
   assert resolved.data.eos_id == EOS and resolved.model.vocab_size == 50304
   with pytest.raises(config_lib.ConfigError, match=r"data\.path"):
-    preflight.resolve(module.get_config())
+    preflight.resolve(config_lib.load_config_file(name))
 
 
 def test_trainer_logs_stream_counts(tmp_path):

@@ -1,11 +1,11 @@
 """nextlat_jax.flops: the analytic FLOP model against hand arithmetic and against XLA's own count."""
-import importlib.util
 
 import jax
 import ml_collections
 import pytest
 
 from nextlat_jax import flops
+from nextlat_jax.config import load_config_file
 from nextlat_jax.config import base_config, validate
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import step as step_lib
@@ -65,10 +65,7 @@ def test_nextlat_flops_by_hand():
 
 
 def _bench_config(arg=None):
-  spec = importlib.util.spec_from_file_location("bench_step_config", REPO / "configs" / "bench_step.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("bench_step", arg)
 
 
 def test_bench_config_valid_and_extra_flops_about_20_percent():

@@ -1,21 +1,18 @@
 """configs/manhattan.py: the paper's Table 5 world-model settings on the real street graph, and its tiny
 preset trains (loss falls from ln V) on ../shared/data/manhattan/edges.tsv."""
-import importlib.util
 import math
 import pathlib
 
 import pytest
 
+from nextlat_jax.config import load_config_file
 from nextlat_jax.train import metrics_writer, preflight, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def get_config(arg=None):
-  spec = importlib.util.spec_from_file_location("manhattan_config", REPO / "configs" / "manhattan.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("manhattan", arg)
 
 
 def test_paper_settings():

@@ -1,6 +1,5 @@
 """Path-Star, Countdown and A5: generators, serialisations, masks, splits, determinism, metrics
 (hand-computed values and oracle / wrong models end to end), configs (Table 5 and tiny presets)."""
-import importlib.util
 import itertools
 import math
 import random
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from nextlat_jax import objectives
+from nextlat_jax.config import load_config_file
 from nextlat_jax.data import pipeline
 from nextlat_jax.data.tasks import a5, countdown, path_star
 from nextlat_jax.eval import TASK_METRICS
@@ -22,17 +22,12 @@ from nextlat_jax.models.transformer import unembed
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.train import preflight, step as step_lib
 
-from tests.conftest import REPO
 
 # XLA's CPU backend at optimisation level 0 compiles these tiny programs about twice as fast.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+load_config = load_config_file
 
 
 def small(cfg, **kw):

@@ -1,16 +1,15 @@
 """TinyStories end to end on a generated corpus: prepare trains the 1k-style byte-level BPE and packs
 rows at a fixed stride across stories; the config trains; `nextlat eval` runs the 20 probes."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
+from nextlat_jax.config import load_config_file
 from nextlat_jax.data import tokenizers
 from nextlat_jax.data.prepare import prepare
 from nextlat_jax.data.sources import pretokenized
 
-from tests.conftest import REPO
 
 NAMES = ["Lily", "Tom", "Max", "Sue", "Ben", "Mia"]
 THINGS = ["a red ball", "a big dog", "a small cat", "a blue kite", "a tall tree", "a happy bird"]
@@ -28,10 +27,7 @@ def stories(n: int, seed: int = 0) -> list[str]:
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location("tinystories_config", REPO / "configs" / "tinystories.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file("tinystories", arg)
 
 
 @pytest.fixture(scope="module")

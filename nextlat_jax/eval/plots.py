@@ -135,6 +135,7 @@ def seed_curves(panels: Sequence[Mapping], path: str, xlabel: str = "training ro
       shown.append(y)
     if shown:
       tidy_y(ax, shown, percent="%" in panel["ylabel"])
+    ax.set_xlim(left=0)  # training starts at 0 rows, also when only one evaluation is in
     ax.set_xlabel(xlabel)
     ax.set_ylabel(panel["ylabel"])
     ax.set_title(panel["title"], fontsize=10)
