@@ -11,7 +11,7 @@ class ConfigError(ValueError):
 
   def __init__(self, key: str, value: object, why: str):
     super().__init__(f"config error: {key}={value!r}: {why}")
-    self.key, self.value = key, value
+    self.key, self.value, self.why = key, value, why
 
 
 def need(ok: bool, key: str, value: object, why: str) -> None:

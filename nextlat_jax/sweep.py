@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 from absl import flags
 
+from nextlat_jax.errors import ConfigError
+
 flags.DEFINE_string("sweep", None, "A Python file with get_sweep() -> list of override dicts.")
 flags.DEFINE_enum("launcher", "local", ["local", "slurm"], "Run each command here, one after "
                   "the other (local), or submit each with `sbatch launch/slurm.sbatch` (slurm).")
@@ -51,12 +53,12 @@ def run_name(overrides: dict[str, Any]) -> str:
 def load_sweep(path: str) -> list[dict]:
   spec = importlib.util.spec_from_file_location("nextlat_sweep", path)
   if spec is None or not os.path.exists(path):
-    raise ValueError(f"--sweep={path!r}: file not found")
+    raise ConfigError("--sweep", path, "file not found")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   runs = module.get_sweep()
   if not runs or not all(isinstance(r, dict) for r in runs):
-    raise ValueError(f"--sweep={path!r}: get_sweep() must return a non-empty list of dicts")
+    raise ConfigError("--sweep", path, "get_sweep() must return a non-empty list of dicts")
   return runs
 
 
@@ -66,7 +68,7 @@ def commands(config_path: str, sweep_path: str, base_workdir: str, extra: Iterab
   for overrides in load_sweep(sweep_path):
     name = run_name(overrides)
     if name in seen:
-      raise ValueError(f"sweep {sweep_path}: two runs are both named {name!r}")
+      raise ConfigError("--sweep", sweep_path, f"two runs are both named {name!r}")
     seen.add(name)
     argv = ["nextlat", "train", f"--config={config_path}", f"--workdir={os.path.join(base_workdir, name)}"]
     argv += [f"--config.{k}={v}" for k, v in overrides.items()] + list(extra)
@@ -74,20 +76,43 @@ def commands(config_path: str, sweep_path: str, base_workdir: str, extra: Iterab
   return out
 
 
+def check_runs(config: Any, runs: list[tuple[str, dict]], num_devices: int) -> None:
+  """ConfigError naming the run and the key unless every run's config (`config` + its overrides)
+  resolves and validates for `num_devices`: a bad run stops the sweep before any run starts."""
+  from nextlat_jax.train import preflight
+  for name, overrides in runs:
+    c = config.copy_and_resolve_references()
+    try:
+      c.update_from_flattened_dict(overrides)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError(f"sweep run {name}", overrides, f"does not fit the config: {e}") from None
+    try:
+      preflight.resolve(c, num_devices)
+    except ConfigError as e:
+      raise ConfigError(e.key, e.value, f"{e.why} (in sweep run {name})") from None
+
+
 def main(argv: list[str]) -> None:
   del argv
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), None)
   if not (config_arg and FLAGS.sweep and FLAGS.workdir):
-    raise ValueError("sweep needs --config, --sweep and --workdir (the base directory of the runs)")
+    raise ConfigError("--config / --sweep / --workdir", None, "sweep needs all three (--workdir: the runs' base folder)")
   extra = [a for a in sys.argv[2:] if a.startswith("--config.")]
   runs = commands(config_arg, FLAGS.sweep, FLAGS.workdir, extra)
-  for name, cmd in runs:
+  if FLAGS.launcher == "local":  # slurm runs see other devices: their own `nextlat train` validates
+    import jax
+    check_runs(FLAGS.config, list(zip((n for n, _ in runs), load_sweep(FLAGS.sweep))), jax.device_count())
+  for k, (name, cmd) in enumerate(runs):
     line = shlex.join(cmd)
     if FLAGS.dry_run:
       print(line)
       continue
     if FLAGS.launcher == "slurm":
-      subprocess.run(["sbatch", f"--job-name={name}", "launch/slurm.sbatch", *cmd[1:]], check=True)
+      rc = subprocess.run(["sbatch", f"--job-name={name}", "launch/slurm.sbatch", *cmd[1:]]).returncode
     else:
       print(f"[{name}] {line}", flush=True)
-      subprocess.run(cmd, check=True)
+      rc = subprocess.run(cmd).returncode
+    if rc:  # the run has said why on stderr above
+      print(f"sweep: run {name} exited with code {rc}; {k} of {len(runs)} runs done, the other "
+            f"{len(runs) - k - 1} not started", file=sys.stderr)
+      sys.exit(rc if rc > 0 else 1)
