@@ -109,8 +109,48 @@ def compute(curves: dict, total: int) -> list[str]:
   return out
 
 
-def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, out: str, smoke: bool) -> dict:
-  """Writes OUT.md and OUT.png from the runs in `folder`; returns {label: {seed: rows}}."""
+def measure_sweep(exp: registry.Experiment, sweep_dir: str) -> list[dict]:
+  """The experiment's metric on each finished run of a `nextlat sweep` folder (one run per subfolder),
+  measured as for the curves; cached per run and step in RUN/sweep_measure.json."""
+  from nextlat_jax import config as config_lib
+  from nextlat_jax.train import checkpoint
+  out = []
+  for name in sorted(os.listdir(sweep_dir)):
+    run_dir = os.path.join(sweep_dir, name)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpts):
+      continue
+    step = checkpoint.manager(ckpts, None, read_only=True).latest_step()
+    config = config_lib.from_saved(checkpoint.saved_config(ckpts))
+    if step is None or step < int(config.steps):
+      continue  # unfinished: measured once it reaches its steps
+    cache = os.path.join(run_dir, "sweep_measure.json")
+    cached = json.load(open(cache)) if os.path.exists(cache) else {}
+    if cached.get("step") != step:
+      cached = {"step": step, **exp.measure(run_dir, config)}
+      with open(cache, "w") as f:
+        json.dump(cached, f)
+    losses = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"ce"' in l]
+    out.append({"run": name, "rows": step * int(config.batch_size), "train_ce": losses[-1]["ce"] if losses else None,
+                **cached})
+  return out
+
+
+def sweep_table(rows: list[dict], sweep_dir: str) -> list[str]:
+  if not rows:
+    return [f"No finished run in `{sweep_dir}` yet.", ""]
+  keys = [k for k in rows[0] if k not in ("run", "step", "rows", "train_ce")]
+  out = [f"| run | steps | rows | last training CE | {' | '.join(keys)} |", "|" + "---|" * (4 + len(keys))]
+  for r in rows:
+    ce = "" if r["train_ce"] is None else f"{r['train_ce']:.3f}"
+    out.append(f"| {r['run']} | {r['step']:,} | {r['rows']:,} | {ce} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
+  return out + [""]
+
+
+def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, out: str, smoke: bool,
+                 sweep_dir: str | None = None) -> dict:
+  """Writes OUT.md and OUT.png from the runs in `folder` (and, with `sweep_dir`, a table of that sweep's
+  runs measured the same way); returns {label: {seed: rows}}."""
   curves = collect(exp, folder, seeds)
   png = out + ".png"
   plots.seed_curves([{"title": p.title, "ylabel": p.ylabel, "marks": p.marks,
@@ -127,6 +167,10 @@ def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, 
            verdict(exp, curves), "", "## Curves", ""]
   for panel in exp.panels:
     lines += table(exp, panel, curves)
+  if sweep_dir:
+    lines += [f"## Hyperparameter sweep (`nextlat sweep`, runs in `{sweep_dir}`)", "",
+              "Each run measured as the curves are (the same held-out set and decoding).", ""]
+    lines += sweep_table(measure_sweep(exp, sweep_dir), sweep_dir)
   lines += ["## Compute used", "", f"Machine: {machine()}.", ""] + compute(curves, total) + [""]
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines))

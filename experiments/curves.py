@@ -61,7 +61,7 @@ def advance(exp: registry.Experiment, label: str, seed: int, folder: str, target
 
 def run_experiment(exp: registry.Experiment, folder: str, seeds: int, budget_hours: float, *, smoke: bool = False,
                    steps: int | None = None, eval_every: int | None = None, out: str | None = None,
-                   runs: list[str] | None = None) -> dict:
+                   runs: list[str] | None = None, sweep_dir: str | None = None) -> dict:
   """Advances every (label, seed) run (of `runs`; default all) round-robin until each reaches `steps` or
   the budget is spent; rewrites the report after every measurement. Returns {label: {seed: curve rows}}."""
   unknown = sorted(set(runs or ()) - set(exp.runs))
@@ -87,15 +87,15 @@ def run_experiment(exp: registry.Experiment, folder: str, seeds: int, budget_hou
         continue
       if time.time() > deadline:
         print(f"budget of {budget_hours} h spent: {done}/{segments} segments done; rerun to continue", flush=True)
-        return write_report(exp, folder, seeds, total, out, smoke)
+        return write_report(exp, folder, seeds, total, out, smoke, sweep_dir)
       row = advance(exp, label, seed, folder, target, smoke)
       done, ran = done + 1, ran + 1
       eta = (time.time() - start) / ran * (segments - done)
       shown = {k: round(v, 3) for k, v in row.items() if k not in ("step", "rows") and isinstance(v, float)}
       print(f"[{done}/{segments}, ETA {eta / 3600:.1f} h] {exp.name} {label} seed {seed} step {target}/{total}: "
             f"{shown}", flush=True)
-      write_report(exp, folder, seeds, total, out, smoke)  # a stop anywhere leaves a current report
-  return write_report(exp, folder, seeds, total, out, smoke)
+      write_report(exp, folder, seeds, total, out, smoke, sweep_dir)  # a stop anywhere leaves a current report
+  return write_report(exp, folder, seeds, total, out, smoke, sweep_dir)
 
 
 def main() -> None:
@@ -107,6 +107,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=None, help="override the experiment's steps (a multiple of eval_every)")
   p.add_argument("--eval_every", type=int, default=None)
   p.add_argument("--runs", default="", help="comma-separated run labels to advance (default: all)")
+  p.add_argument("--sweep_dir", default=None, help="a `nextlat sweep` folder of this experiment's task: its "
+                 "finished runs are measured the same way and tabled in the report")
   p.add_argument("--smoke", action="store_true", help="a tiny model: checks the plumbing; results stay in WORKDIR")
   args = p.parse_args()
   if args.seeds < 1:
@@ -117,7 +119,8 @@ def main() -> None:
   out = None if args.smoke else os.path.join(REPO, "experiments", f"results_{exp.name}")
   try:
     run_experiment(exp, folder, args.seeds, args.budget_hours, smoke=args.smoke, steps=args.steps,
-                   eval_every=args.eval_every, out=out, runs=[r for r in args.runs.split(",") if r])
+                   eval_every=args.eval_every, out=out, runs=[r for r in args.runs.split(",") if r],
+                   sweep_dir=args.sweep_dir)
   except ConfigError as e:  # a bad flag or value, or a run folder that does not fit: one line, nothing lost
     print(e, file=sys.stderr)
     sys.exit(2)

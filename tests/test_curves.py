@@ -60,6 +60,14 @@ def test_runs_continue_from_their_checkpoints(tmp_path: pathlib.Path):
   report = (folder / "results_path_star.md").read_text()
   assert "| 4 | 32 | " in report and "(n=2)" in report and "No measurement of both lines yet." in report
   assert (folder / "results_path_star.png").stat().st_size > 10_000
+  # A `nextlat sweep` folder is a folder of run workdirs: the seeds' folders stand in for one here.
+  swept = curve_report.measure_sweep(exp, str(folder / "gpt"))
+  assert [(r["run"], r["step"], r["rows"]) for r in swept] == [("seed0", 4, 32), ("seed1", 4, 32)]
+  assert swept[0]["exact"] == result["gpt"][0][-1]["exact"]  # measured as the curve is
+  assert (folder / "gpt" / "seed0" / "sweep_measure.json").exists()
+  curve_report.write_report(exp, str(folder), 2, 4, str(folder / "with_sweep"), True, str(folder / "gpt"))
+  table = (folder / "with_sweep.md").read_text().split("## Hyperparameter sweep")[1]
+  assert "| run | steps | rows | last training CE | exact | token2 |\n|---|---|---|---|---|---|\n| seed0 | 4 | 32 |" in table
 
 
 def test_every_experiment_config_resolves(tmp_path: pathlib.Path):
