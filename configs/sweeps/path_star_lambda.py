@@ -5,7 +5,9 @@ come as extra flags, the same as the `path_star` curves (experiments/curve_exper
   nextlat sweep --config=configs/path_star.py:nextlat,g2_5 --sweep=configs/sweeps/path_star_lambda.py \
       --workdir=runs/sweep_path_star --config.model.d_model=128 --config.model.n_layer=4 --config.model.n_head=4 \
       --config.dynamics.hidden=128 --config.steps=1000 --config.batch_size=64 --config.eval_every=0
-  nextlat eval --workdir=runs/sweep_path_star/RUN --metrics=path_star --num_samples=1000   # per run
+  python experiments/curves.py --experiment=path_star --workdir=runs/curves --sweep_dir=runs/sweep_path_star
+
+The last command tables every finished run in experiments/results_path_star.md, measured as the curves are.
 """
 from nextlat_jax.sweep import product
 
