@@ -68,6 +68,9 @@ def verdict(exp: registry.Experiment, curves: dict) -> str:
            f"(n={nb}); the difference in the paper's direction is {diff:+.3g} (standard error {se:.2g}).")
   if min(na, nb) < 2:
     call = "With one seed a side there is no noise estimate: no call is made."
+  elif e.matches:  # the claim is "no worse": a difference within noise is the paper's picture
+    call = ("**NextLat is measured worse** at this budget (more than 2 standard errors)." if diff < -2 * se else
+            "**The paper's picture appears** at this budget: no difference beyond 2 standard errors.")
   elif diff > 2 * se and diff > 0:
     call = "**The paper's effect appears** at this budget (more than 2 standard errors in its direction)."
   elif diff < -2 * se:

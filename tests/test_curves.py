@@ -40,6 +40,15 @@ def test_verdict(better, other, call):
   assert call in curve_report.verdict(registry.PATH_STAR, _curves(better, other))
 
 
+@pytest.mark.parametrize("nextlat,gpt,call", [
+    ([0.381, 0.379, 0.380], [0.380, 0.381, 0.379], "The paper's picture appears"),
+    ([0.50, 0.51, 0.52], [0.380, 0.381, 0.379], "NextLat is measured worse"),
+])
+def test_verdict_of_a_no_worse_claim(nextlat, gpt, call):
+  rows = lambda values: {s: [{"step": 1, "rows": 8, "eval_ce": v}] for s, v in enumerate(values)}
+  assert call in curve_report.verdict(registry.LM, {"gpt": rows(gpt), "nextlat": rows(nextlat)})
+
+
 def test_runs_continue_from_their_checkpoints(tmp_path: pathlib.Path):
   exp, folder = registry.PATH_STAR, tmp_path / "ps"
   run = lambda steps, runs=("gpt",): curves.run_experiment(exp, str(folder), 2, 1.0, smoke=True, steps=steps,
