@@ -360,7 +360,8 @@ def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
   assert lines[3]["tokens"] == sum(line["new_tokens"] for line in lines[:3])
   assert 0 <= lines[3]["accepted_per_round"] <= 1  # gamma 2 in mode A: at most one drafted token per round
   assert lines[3]["tokens_per_round"] == pytest.approx(lines[3]["tokens"] / lines[3]["rounds"])
-  assert lines[3]["tokens_per_sec"] > 0 and lines[3]["compile_s"] > 0
+  # this process compiled the same program for `sp` above, so lower+compile may be a cache hit (0.0 s)
+  assert lines[3]["tokens_per_sec"] > 0 and lines[3]["compile_s"] >= 0
 
 
 def test_generate_text_prompt_on_a_bpe_run(capsys):
