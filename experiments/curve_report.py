@@ -46,8 +46,9 @@ def series(curves: dict, label: str, key: str) -> dict[int, list[tuple[int, floa
   return {seed: [(r["rows"], r[key]) for r in rows if key in r] for seed, rows in curves[label].items() if rows}
 
 
-def verdict(exp: registry.Experiment, curves: dict) -> str:
-  e = exp.effect
+def verdict(exp: registry.Experiment, curves: dict, e: registry.Effect | None = None) -> str:
+  """The call on one of the paper's claims (default: the experiment's first)."""
+  e = e or exp.effects[0]
   panel = exp.panels[e.panel]
   lines = {name: series(curves, label, key) for name, label, key in panel.lines}
   a, b = lines[e.better], lines[e.other]
@@ -167,7 +168,7 @@ def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, 
               "**Unfinished**: the same command continues every run from its checkpoint."), "",
            f"Setting: {exp.setting}" + (" (--smoke: a 1 x 16 model, plumbing only)" if smoke else ""), "",
            f"![curves]({os.path.basename(png)})", "", "## Does the paper's effect appear?", "",
-           verdict(exp, curves), "", "## Curves", ""]
+           *[line for e in exp.effects for line in (verdict(exp, curves, e), "")], "## Curves", ""]
   for panel in exp.panels:
     lines += table(exp, panel, curves)
   if sweep_dir:

@@ -49,6 +49,16 @@ def test_verdict_of_a_no_worse_claim(nextlat, gpt, call):
   assert call in curve_report.verdict(registry.LM, {"gpt": rows(gpt), "nextlat": rows(nextlat)})
 
 
+def test_each_claim_is_called_on_its_own():
+  """Street grid: compact latents (erank) and validity no worse are two claims; one can hold, the other not."""
+  rows = lambda pairs: {s: [{"step": 1, "rows": 16, "valid": v, "erank": r}] for s, (v, r) in enumerate(pairs)}
+  curves = {"gpt": rows([(63.0, 30.0), (60.0, 30.1), (66.0, 29.9)]),
+            "nextlat": rows([(37.0, 22.5), (40.0, 22.6), (35.0, 22.4)])}
+  calls = [curve_report.verdict(registry.WORLD, curves, e) for e in registry.WORLD.effects]
+  assert "more compact" in calls[0] and "The paper's effect appears" in calls[0]
+  assert "as valid" in calls[1] and "NextLat is measured worse" in calls[1]
+
+
 def test_runs_continue_from_their_checkpoints(tmp_path: pathlib.Path):
   exp, folder = registry.PATH_STAR, tmp_path / "ps"
   run = lambda steps, runs=("gpt",): curves.run_experiment(exp, str(folder), 2, 1.0, smoke=True, steps=steps,
