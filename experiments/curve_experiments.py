@@ -50,6 +50,10 @@ class Experiment:
   setting: str  # Markdown: our sizes next to the paper's
   prepare: Callable[[str], None] | None = None  # builds the experiment's data in its folder, once
 
+  def default_steps(self, folder: str) -> int:
+    """The training steps of the experiment's own configs (what `--steps` overrides)."""
+    return int(self.runs[next(iter(self.runs))](0, folder).steps)
+
 
 load_config = load_config_file
 

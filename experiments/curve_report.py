@@ -161,12 +161,18 @@ def write_report(exp: registry.Experiment, folder: str, seeds: int, total: int, 
                       "lines": {name: series(curves, label, key) for name, label, key in p.lines}}
                      for p in exp.panels], png)
   done = all(rows and rows[-1]["step"] >= total for runs in curves.values() for rows in runs.values())
+  default = exp.default_steps(folder)
+  steps_flag, steps_note = "", ""
+  if total != default:  # --steps: the setting below states the experiment's own budget
+    steps_flag = f" --steps={total}"
+    steps_note = f" **Steps: {total:,} (--steps), not the setting's {default:,}.**"
   lines = [f"# {exp.title}", "",
-           f"Written by `python experiments/curves.py --experiment={exp.name} --seeds={seeds}"
+           f"Written by `python experiments/curves.py --experiment={exp.name} --seeds={seeds}{steps_flag}"
            f"{' --smoke' if smoke else ''}` ({time.strftime('%Y-%m-%d %H:%M')}); runs in `{folder}`. "
            + ("Every run reached its budget." if done else
               "**Unfinished**: the same command continues every run from its checkpoint."), "",
-           f"Setting: {exp.setting}" + (" (--smoke: a 1 x 16 model, plumbing only)" if smoke else ""), "",
+           f"Setting: {exp.setting}" + (" (--smoke: a 1 x 16 model, plumbing only)" if smoke else "") + steps_note,
+           "",
            f"![curves]({os.path.basename(png)})", "", "## Does the paper's effect appear?", "",
            *[line for e in exp.effects for line in (verdict(exp, curves, e), "")], "## Curves", ""]
   for panel in exp.panels:

@@ -71,7 +71,7 @@ def run_experiment(exp: registry.Experiment, folder: str, seeds: int, budget_hou
   if exp.prepare:
     exp.prepare(folder)
   every = eval_every or exp.eval_every
-  total = steps or int(exp.runs[next(iter(exp.runs))](0, folder).steps)
+  total = steps or exp.default_steps(folder)
   if total % every:
     raise ConfigError("--steps", total, f"must be a multiple of eval_every={every}")
   start, deadline = time.time(), time.time() + 3600 * budget_hours

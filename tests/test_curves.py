@@ -78,6 +78,7 @@ def test_runs_continue_from_their_checkpoints(tmp_path: pathlib.Path):
   assert (folder / "gpt" / "seed0" / "curve.jsonl").read_text() == before
   report = (folder / "results_path_star.md").read_text()
   assert "| 4 | 32 | " in report and "(n=2)" in report and "No measurement of both lines yet." in report
+  assert "--seeds=2 --steps=4 --smoke`" in report and "**Steps: 4 (--steps), not the setting's 1,000.**" in report
   assert (folder / "results_path_star.png").stat().st_size > 10_000
   # A `nextlat sweep` folder is a folder of run workdirs: the seeds' folders stand in for one here.
   swept = curve_report.measure_sweep(exp, str(folder / "gpt"))
