@@ -5,6 +5,10 @@
 # Logs of process i go to ${LOG_DIR:-/tmp/nextlat_local}/process_i.log; exits with the worst status.
 set -uo pipefail
 N=${1:?number of processes}; D=${2:?devices per process}; shift 2
+if [[ "${1:-}" != train ]]; then  # only `nextlat train` takes --distributed: read a run on one host
+  echo "launch/local.sh: runs \`nextlat train ...\` on every process (got '${1:-}'); other commands take no --distributed" >&2
+  exit 2
+fi
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
 LOG_DIR=${LOG_DIR:-/tmp/nextlat_local}
 mkdir -p "$LOG_DIR"

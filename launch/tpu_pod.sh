@@ -11,6 +11,10 @@ if [[ "${1:-}" == "setup" ]]; then
   ssh_all "pip install -U 'jax[tpu]' && rm -rf ~/nextlat_jax && git clone $REPO ~/nextlat_jax && pip install -e ~/nextlat_jax"
   exit 0
 fi
+if [[ "${1:-}" != train ]]; then  # only `nextlat train` takes --distributed: read a run on one host
+  echo "launch/tpu_pod.sh: runs \`nextlat train ...\` on every worker (got '${1:-}'); other commands take no --distributed" >&2
+  exit 2
+fi
 # XLA flags that matter on TPU: async collectives overlapped with compute by the latency-hiding scheduler.
 TPU_FLAGS="--xla_tpu_enable_latency_hiding_scheduler=true --xla_tpu_enable_async_collective_fusion=true"
 ARGS=$(printf '%q ' "$@")

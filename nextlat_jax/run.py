@@ -107,6 +107,8 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | dict | None = N
   if unknown:
     raise ValueError(f"mesh={axes}: unknown axes {unknown} (axes: {', '.join(MESH_AXES)})")
   config = run_config(workdir, step, {**{f"mesh.{k}": v for k, v in axes.items()}, **(overrides or {})})
+  if mesh is None:
+    mesh = _reading_mesh(config, workdir)
   config, info = resolve(config, mesh.devices.size if isinstance(mesh, Mesh) else None)
   if not isinstance(mesh, Mesh):
     mesh = make_mesh(config.mesh)
@@ -114,6 +116,22 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | dict | None = N
   params, step = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
   log.info("loaded step %d of %s onto mesh %s", step, workdir, dict(mesh.shape))
   return _make(workdir, config, params, int(step), mesh, info, objective, param_sh, batch_sh)
+
+
+def _reading_mesh(config: ml_collections.ConfigDict, workdir: str) -> Mesh | None:
+  """None (all devices on `data`) when the run's batch splits over them; otherwise a `data` mesh over the
+  first d devices, d the largest that splits batch_size / microbatches (single process only), with a
+  warning: a run trained on 8 devices with batch 16 is then readable on 12."""
+  n, rows = jax.device_count(), int(config.batch_size) // max(int(config.microbatches), 1)
+  if rows % n == 0 or jax.process_count() > 1:
+    return None
+  d = max(k for k in range(1, n + 1) if rows % k == 0)
+  log.warning("reading %s on %d of %d devices: its batch_size=%d (microbatches=%d) does not split over %d; "
+              "pass a mesh to choose another layout", workdir, d, n, int(config.batch_size),
+              int(config.microbatches), n)
+  with config.unlocked():
+    config.mesh.update(data=d, fsdp=1, tensor=1)
+  return make_mesh(config.mesh, jax.devices()[:d])
 
 
 def _make(workdir: str, config: ml_collections.ConfigDict, params: Any, step: int, mesh: Mesh,

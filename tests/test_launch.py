@@ -71,6 +71,16 @@ def test_term_to_the_batch_shell_reaches_srun(tmp_path, srun_status: int):
   assert "forwarding it to srun" in stderr
 
 
+def test_only_train_is_launched(tmp_path):
+  """Only `nextlat train` takes --distributed: another command is refused before srun starts."""
+  env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RECORD": str(tmp_path / "record")}
+  (tmp_path / "srun").write_text(FAKE_SRUN)
+  (tmp_path / "srun").chmod(0o755)
+  out = subprocess.run(["bash", str(SCRIPT), "eval", "--workdir=/runs/x"], env=env, capture_output=True,
+                       text=True, timeout=20)
+  assert out.returncode == 2 and "got 'eval'" in out.stderr and not lines(tmp_path / "record"), out.stderr
+
+
 def test_srun_failure_is_the_job_status(tmp_path):
   proc, record = start(tmp_path, FAKE_EXIT="7")
   _, stderr = proc.communicate(timeout=20)

@@ -129,3 +129,18 @@ def test_a_missing_step_or_checkpoint_is_one_line(runs, tmp_path):
     load_run(str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="unknown axes"):
     load_run(str(path), mesh={"model": 2})
+
+
+def test_a_batch_that_does_not_split_over_the_devices_reads_on_fewer(runs, caplog):
+  """A run whose batch (here 12, as if trained on 4 or 6 devices) does not split over the 8 devices here
+  is read on the largest number of them that it splits over (6), with a warning, not refused."""
+  path, _, saved = runs["gpt"]
+  with caplog.at_level("WARNING", logger="nextlat_jax"):
+    run = load_run(str(path), overrides={"batch_size": 12})
+  assert tuple(run.mesh.shape[a] for a in ("data", "fsdp", "tensor")) == (6, 1, 1)
+  assert "on 6 of 8 devices: its batch_size=12" in caplog.text
+  assert_trees_equal(jax.device_get(run.params), saved[-1])
+  from nextlat_jax.train.evaluate import evaluate_loaded
+  result = evaluate_loaded(run, eval_steps=1)  # held-out batches of 12 rows, 2 per device
+  assert result["step"] == 2 and np.isfinite(result["eval_ce"]) and result["eval_ce"] > 0
+

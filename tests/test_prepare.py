@@ -308,3 +308,20 @@ def test_older_manifest_falls_back_to_its_absolute_tokenizer_path(tmp_path):
   pretokenized._manifest.cache_clear()
   with pytest.raises(ValueError, match=r"tokenizer_path=.*gone.*encoder\.json not found"):
     pretokenized.make_source(_config_for(out).data, split="eval", seed=0).tokenizer
+
+
+def test_a_relative_data_path_is_saved_absolute(corpus, tmp_path, monkeypatch):
+  """preflight.resolve (what train saves and every reading command loads) makes data.path absolute, so a
+  run trained with `--config.data.path=data/books` is read from any directory."""
+  from nextlat_jax.train import preflight
+  from nextlat_jax.config import load_config_file
+  run(corpus[0], tmp_path / "data" / "books")
+  monkeypatch.chdir(tmp_path)
+  config = load_config_file("text_small", "tiny")
+  config.data.update(path="data/books", eval_rows=1, seq_len=SEQ)
+  config.batch_size = 1
+  resolved, info = preflight.resolve(config, 1)
+  assert resolved.data.path == str(tmp_path / "data" / "books") and info.vocab_size > 0
+  monkeypatch.chdir(tmp_path / "data")
+  assert preflight.resolve(resolved, 1)[0].data.path == resolved.data.path  # elsewhere, the same folder
+

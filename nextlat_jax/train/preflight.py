@@ -19,9 +19,12 @@ log = logging.getLogger(__name__)
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None
             ) -> tuple[ml_collections.ConfigDict, pipeline.DatasetInfo]:
-  """Fills dataset-derived values (vocab size, EOS id) and validates for `num_devices` (default: all
+  """Makes a local data.path absolute, fills dataset-derived values (vocab size, EOS id) and validates for `num_devices` (default: all
   devices); returns a locked copy."""
   config = ml_collections.ConfigDict(config.to_dict())
+  path = config.data.get("path")
+  if isinstance(path, str) and path and "://" not in path:  # saved absolute: a run reads from any directory
+    config.data.path = os.path.abspath(path)
   try:
     info = pipeline.dataset_info(config.data)
   except (ValueError, FileNotFoundError) as e:
