@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+import ml_collections
 from absl import app, flags, logging
 
 from nextlat_jax import cli_flags
@@ -180,12 +181,13 @@ def _flags_parser(name: str):
   unloadable config file) as one line and exit status 2 instead of a traceback or a page of help."""
   def parse(args: list[str]) -> list[str]:
     try:
-      return FLAGS(args)
+      rest = FLAGS(args)
     except (KeyError, AttributeError) as e:  # --config.<unknown key>=...: ml_collections' error (a parent
       key, *hint = _innermost_message(e).split("\n")  # key: KeyError, a leaf: AttributeError(KeyError))
       arg = next((a for a in args[1:] if a.startswith("--config.")
                   and key.strip("'\"") in a.split("=", 1)[0].split(".")[1:]), None)
       if arg is None:  # not an override's key (e.g. raised by the config file itself)
+        _config_file_failure(name, args, e)
         raise
       fail(f"nextlat {name}: {arg.split('=', 1)[0]}: unknown config key {key}"
            + (f" ({hint[0].strip()})" if hint and hint[0].strip() else ""))
@@ -194,8 +196,28 @@ def _flags_parser(name: str):
     except flags.Error as e:  # unknown flag, bad value; a config file's own error is its last line
       lines = [line.strip() for line in str(e).splitlines() if line.strip()]
       fail(f"nextlat {name}: {lines[0] if len(lines) == 1 else lines[0] + ' ' + lines[-1]}")
-    return []  # not reached: fail() exits
+    except Exception as e:  # the config file's own mistake (syntax, import, its code): one line; else raised
+      _config_file_failure(name, args, e)
+      raise
+    config = FLAGS["config"].value if "config" in FLAGS else None
+    if config is not None and not isinstance(config, ml_collections.ConfigDict):
+      fail(f"nextlat {name}: --config={_config_arg(args)}: get_config() returned {type(config).__name__}, "
+           "not a ConfigDict")
+    return rest
   return parse
+
+
+def _config_file_failure(name: str, args: list[str], error: BaseException) -> None:
+  """Exits with one line (status 2) when `error` is the --config file's own mistake; returns otherwise."""
+  from nextlat_jax.config import user_file_error
+  value = _config_arg(args)
+  if value is None:
+    return
+  why = user_file_error(error, value.split(":", 1)[0])
+  if why is None and isinstance(error, AttributeError) and "get_config" in str(error):
+    why = "defines no get_config()"
+  if why is not None:
+    fail(f"nextlat {name}: --config={value}: {why}")
 
 
 def main() -> None:

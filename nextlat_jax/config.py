@@ -43,6 +43,46 @@ def parse_preset(arg: str | None, where: str, option: str, option_help: str
   return name, match, tiny
 
 
+def user_file_error(error: BaseException, path: str) -> str | None:
+  """'LINE N: Type: message' when `error` was raised by the Python file `path` itself (a syntax error in
+  it, or an exception in one of its frames), else None: the file's mistake in one line, not a traceback."""
+  def same(f: str | None) -> bool:
+    return bool(f) and os.path.abspath(f) == os.path.abspath(path)
+  line = None
+  if isinstance(error, SyntaxError) and same(error.filename):
+    line = error.lineno
+  tb = error.__traceback__
+  while tb is not None:
+    if same(tb.tb_frame.f_code.co_filename):
+      line = tb.tb_lineno  # the innermost frame in the file
+    tb = tb.tb_next
+  if line is None:
+    return None
+  message = (error.msg if isinstance(error, SyntaxError) else str(error)).strip().splitlines() or [""]
+  return f"line {line}: {type(error).__name__}: {message[0]}"
+
+
+def call_user_file(path: str, module_name: str, function: str, *args):
+  """`function(*args)` of the Python file `path`; the file's own mistakes (a syntax or import error, a
+  missing `function`, an exception inside it) as ConfigError('file', path, why)."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  if spec is None or not os.path.isfile(path):
+    raise ConfigError("file", path, "not found")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, function, None)):
+      raise ConfigError("file", path, f"defines no {function}()")
+    return getattr(module, function)(*args)
+  except ConfigError:
+    raise
+  except Exception as e:  # the user's file: re-raised unless the error is its own (then one line)
+    why = user_file_error(e, path)
+    if why is None:
+      raise
+    raise ConfigError("file", path, why) from None
+
+
 def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of configs/NAME.py (or of the file NAME when it ends in .py), as
   `--config=configs/NAME.py:ARG` builds it, for scripts and tests that build configs in Python."""
@@ -50,10 +90,10 @@ def load_config_file(name: str, arg: str | None = None) -> ml_collections.Config
   if not os.path.isfile(path):
     raise ConfigError("config file", path, "not found")
   module_name = "nextlat_config_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  config = call_user_file(path, module_name, "get_config", *([arg] if arg is not None else []))
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError("file", path, f"get_config() returned {type(config).__name__}, not a ConfigDict")
+  return config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -183,6 +223,8 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
 def _validate_run(c: ml_collections.ConfigDict) -> None:
   """The run's own keys: steps, logging, evaluation, checkpoints, the NaN guard."""
   need(int(c.steps) >= 1, "steps", c.steps, "must be >= 1")
+  need(int(c.batch_size) >= 1, "batch_size", c.batch_size, "must be >= 1")
+  need(int(c.microbatches) >= 1, "microbatches", c.microbatches, "must be >= 1")
   need(c.nan_guard in ("skip", "stop"), "nan_guard", c.nan_guard, "must be 'skip' or 'stop'")
   for key in ("every", "keep_period"):
     need(int(c.checkpoint[key]) >= 0, f"checkpoint.{key}", c.checkpoint[key], "must be >= 0")
@@ -202,8 +244,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, data_vocab: int | N
   model_checks.validate(c, data_vocab)
   objectives.validate(c)
   optimizer.validate(c)
-  profiling.validate(c)
   _validate_run(c)
+  profiling.validate(c)
   _, fsdp, tensor = sharding.validate(c, num_devices)
   model_checks.validate_sharding(c, fsdp, tensor)
   objectives.validate_sharding(c, fsdp, tensor)

@@ -6,7 +6,6 @@ and `zip_` below, e.g. `product(zip_({"objective.name": ["gpt", "nextlat"]}), {"
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shlex
@@ -16,6 +15,7 @@ from typing import Any, Iterable
 
 from absl import flags
 
+from nextlat_jax.config import call_user_file
 from nextlat_jax.errors import ConfigError
 
 flags.DEFINE_string("sweep", None, "A Python file with get_sweep() -> list of override dicts.")
@@ -51,13 +51,13 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 
 def load_sweep(path: str) -> list[dict]:
-  spec = importlib.util.spec_from_file_location("nextlat_sweep", path)
-  if spec is None or not os.path.exists(path):
+  if not os.path.isfile(path):
     raise ConfigError("--sweep", path, "file not found")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  runs = module.get_sweep()
-  if not runs or not all(isinstance(r, dict) for r in runs):
+  try:
+    runs = call_user_file(path, "nextlat_sweep", "get_sweep")
+  except ConfigError as e:
+    raise ConfigError("--sweep", path, e.why) from None
+  if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, dict) for r in runs):
     raise ConfigError("--sweep", path, "get_sweep() must return a non-empty list of dicts")
   return runs
 

@@ -39,6 +39,15 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None
   return config, info
 
 
+def check_restore_from(config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless checkpoint.restore_from (when set) is an existing checkpoint, checkpoints or run
+  folder (a gs:// path is left to Orbax)."""
+  source = config.checkpoint.get("restore_from")
+  if source and "://" not in source and not os.path.isdir(source):
+    raise config_lib.ConfigError("checkpoint.restore_from", source, "no such folder (a run, its checkpoints "
+                                 "folder or one step's folder)")
+
+
 def check_workdir(workdir: str) -> None:
   """ConfigError unless `workdir` is (or can be made) a writable directory; creates nothing."""
   path = os.path.abspath(workdir)

@@ -39,6 +39,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config, info = preflight.resolve(config)
   preflight.check_workdir(workdir)
+  preflight.check_restore_from(config)
   profiling.use_compilation_cache(config.train.compilation_cache_dir)  # before anything compiles
   is_main = jax.process_index() == 0
   mesh = make_mesh(config.mesh)
