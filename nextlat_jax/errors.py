@@ -3,6 +3,7 @@ command's one-line exit). A leaf module: it imports nothing of the package, so v
 validate and command modules can import it without import cycles."""
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -24,3 +25,13 @@ def fail(message: str) -> None:
   """A user error: `message` as the one line on stderr, exit status 2."""
   print(message, file=sys.stderr)
   sys.exit(2)
+
+
+def need_output_folder(key: str, path: str) -> None:
+  """Raises ConfigError unless `path` can be a command's output folder: not a file, and not a training
+  run's folder (one holding checkpoints/ or metrics.jsonl), whose files the output would overwrite."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(key, path, "exists and is not a folder; choose a new folder")
+  if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.exists(os.path.join(path, "metrics.jsonl")):
+    raise ConfigError(key, path, "is a training run's folder (has checkpoints/ or metrics.jsonl); choose a new folder")
+

@@ -107,6 +107,39 @@ def _umask():
   return umask
 
 
+def _tree(directory) -> dict:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_export_refuses_an_out_that_is_a_run_or_a_file(run_dir, tmp_path, capsys, monkeypatch):
+  """--out the workdir, a folder inside it, any training run's folder or an existing file: one line naming
+  --out, exit 2, before the run is loaded and with nothing written; a previous export's folder is rewritten."""
+  other, logged, a_file = tmp_path / "other_run", tmp_path / "logged_run", tmp_path / "notes.txt"
+  (other / "checkpoints" / "5").mkdir(parents=True)
+  (other / "config.json").write_text('{"seed": 0}')
+  logged.mkdir()
+  (logged / "metrics.jsonl").write_text("{}\n")
+  (logged / "config.json").write_text('{"seed": 1}')
+  a_file.write_text("keep me")
+  real_load_run = hf_checkpoint.load_run
+  monkeypatch.setattr(hf_checkpoint, "load_run", lambda *a: pytest.fail("the run was loaded"))
+  for out, why in [(run_dir, "--workdir itself"), (run_dir / "hf", "inside the run folder"),
+                   (other, "training run's folder"), (logged, "training run's folder"),
+                   (a_file, "exists and is not a folder")]:
+    before = {p: _tree(p) if p.is_dir() else p.read_bytes() for p in (run_dir, other, logged, a_file)}
+    with pytest.raises(SystemExit) as e:
+      _run_command(export_hf.export_command, ["nextlat export-hf", f"--workdir={run_dir}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"--out={str(out)!r}" in err and why in err, err
+    assert before == {p: _tree(p) if p.is_dir() else p.read_bytes() for p in before}
+    assert not (run_dir / "hf").exists()
+  monkeypatch.setattr(hf_checkpoint, "load_run", real_load_run)
+  out = tmp_path / "hf"
+  first = hf_checkpoint.export_run(str(run_dir), str(out))
+  exported = _tree(out)
+  assert hf_checkpoint.export_run(str(run_dir), str(out)) == first and _tree(out) == exported  # re-export
+
+
 def test_export_of_a_text_run_round_trips_its_bpe_tokenizer(tmp_path):
   """A run whose data names a trained byte-level BPE: AutoTokenizer encodes the training text to the run's
   ids, decodes it back, and the HF model's logits on those ids are the trunk's."""

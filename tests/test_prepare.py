@@ -325,3 +325,42 @@ def test_a_relative_data_path_is_saved_absolute(corpus, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path / "data")
   assert preflight.resolve(resolved, 1)[0].data.path == resolved.data.path  # elsewhere, the same folder
 
+
+
+def test_cli_prepare_refuses_a_file_or_a_run_folder_as_output(tmp_path, capsys):
+  """--output an existing file or a training run's folder (checkpoints/ or metrics.jsonl): one line naming
+  --output, exit 2, nothing written; an unfinished prepare folder still resumes."""
+  from nextlat_jax.data import prepare_cli
+  src = tmp_path / "c.jsonl"
+  src.write_text("\n".join(json.dumps({"text": t}) for t in docs(20, 3)) + "\n")
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("keep me")
+  run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+  (run_a / "checkpoints" / "2").mkdir(parents=True)
+  (run_a / "config.json").write_text("{}")
+  run_b.mkdir()
+  (run_b / "metrics.jsonl").write_text("{}\n")
+  for out, why in [(a_file, "exists and is not a folder"), (run_a, "training run's folder"),
+                   (run_b, "training run's folder")]:
+    before = _tree(out) if out.is_dir() else out.read_bytes()
+    prepare_cli.FLAGS(["prepare", f"--input={src}", f"--output={out}", "--seq_len=8",
+                       f"--tokenizer_path={GPT2_DIR}", "--workers=1"])
+    try:
+      with pytest.raises(SystemExit) as e:
+        prepare_cli.main([])
+    finally:
+      prepare_cli.FLAGS.unparse_flags()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"--output={str(out)!r}" in err and why in err, err
+    assert (_tree(out) if out.is_dir() else out.read_bytes()) == before
+  out = tmp_path / "prepared"
+  rows = run(src, out, seq_len=8)["rows"]
+  (out / "manifest.json").unlink()  # an unfinished folder: the rerun finishes it
+  assert run(src, out, seq_len=8)["rows"] == rows
+
+
+def test_cli_prepare_without_flags_exits_2():
+  proc = subprocess.run([sys.executable, "-m", "nextlat_jax.cli", "prepare"], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2 and "prepare needs --input and --output" in proc.stderr, proc.stderr
+  assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -45,6 +45,7 @@ import numpy as np
 from nextlat_jax.data import tokenizers
 from nextlat_jax.data.sources import documents, stream
 from nextlat_jax.data.sources.pretokenized import FORMAT, MANIFEST
+from nextlat_jax.errors import need_output_folder
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to single rows
 CHUNK_DOCS = 1024  # documents tokenized per batch inside a worker
@@ -145,11 +146,18 @@ def _check_settings(out_dir: str, settings: dict) -> None:
     _write_json(path, settings)
 
 
+def _check_output(output: str) -> None:
+  """Refuses an --output that is a file or a training run's folder (it holds checkpoints/ or metrics.jsonl);
+  a folder of an unfinished prepare is resumed."""
+  need_output_folder("--output", output)
+
+
 def prepare(inputs: str, output: str, *, seq_len: int = 1024, tokenizer: str = "gpt2",
             tokenizer_path: str = "", column: str = "text", text_split: str = "line", workers: int = 1,
             tfds_split: str = "train", tfds_data_dir: str = "", docs_per_shard: int = 100_000,
             progress: bool = True, train_bpe: int = 0, bpe_train_docs: int = 200_000) -> dict:
   """Writes (or finishes) the shards and the manifest in `output`; returns the manifest."""
+  _check_output(output)
   if seq_len < 1:
     raise ValueError(f"--seq_len={seq_len}: must be >= 1")
   if text_split not in documents.TEXT_SPLITS:

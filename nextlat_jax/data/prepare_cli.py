@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from absl import flags
+from absl import app, flags
 
 from nextlat_jax.data.prepare import prepare
 
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
   del argv
   f = FLAGS
   if not f.input or not f.output:
-    raise SystemExit("prepare needs --input and --output")
+    raise app.UsageError("prepare needs --input and --output")
   try:
     m = prepare(f.input, f.output, seq_len=f.seq_len, tokenizer=f.tokenizer, tokenizer_path=f.tokenizer_path,
                 column=f.column, text_split=f.text_split, workers=f.workers, tfds_split=f.tfds_split,

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from nextlat_jax.errors import ConfigError, need_output_folder
 from nextlat_jax.interop import hf_config, hf_llama, hf_tokenizer
 from nextlat_jax.models.transformer import ModelConfig
 from nextlat_jax.run import load_run
@@ -64,8 +65,20 @@ def save_hf(trunk: Any, cfg: ModelConfig, out_dir: str, *, max_position_embeddin
     os.chmod(os.path.join(out_dir, name), _file_mode())
 
 
+def check_out_dir(workdir: str, out_dir: str) -> None:
+  """Refuses an --out that export would damage: a file, the run folder or a folder inside it, or any
+  training run's folder (it holds checkpoints/ or metrics.jsonl; config.json would be replaced). A folder
+  a previous export wrote is fine (its files are rewritten)."""
+  out, run = os.path.realpath(out_dir), os.path.realpath(workdir)
+  if os.path.commonpath([out, run]) == run:
+    where = "is the run folder --workdir itself" if out == run else f"lies inside the run folder --workdir={workdir!r}"
+    raise ConfigError("--out", out_dir, f"{where}; export would overwrite its config.json; choose a new folder")
+  need_output_folder("--out", out_dir)
+
+
 def export_run(workdir: str, out_dir: str, step: int | None = None) -> dict:
   """`nextlat export-hf`: the trunk of `workdir`'s checkpoint as an HF Llama folder; returns a summary."""
+  check_out_dir(workdir, out_dir)  # before the (slow) load and before anything is written
   run = load_run(workdir, step)
   trunk = hf_config.llama_trunk(run)
   files = {}
