@@ -15,12 +15,13 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from nextlat_jax.data import pipeline
 from nextlat_jax.parallel.mesh import make_mesh
 from nextlat_jax.parallel.sharding import batch_sharding, logical_rules
-from nextlat_jax.train import checkpoint, interrupts, preflight, trainer
+from nextlat_jax.train import checkpoint, interrupts, preflight, resume, trainer
 from tests.conftest import CPU_FAST_COMPILE, REPO
 from tests.test_checkpoint import TINY, _config, _losses, _setup, _wait_for_step
 
@@ -132,6 +133,34 @@ def test_no_readable_checkpoint_stops_unless_fresh_start_is_allowed(base_run, tm
   out = _run(workdir, "--config.checkpoint.allow_fresh_start=True", steps=5)
   assert out.returncode == 0, out.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10.corrupt", "5", "5.corrupt"]
+
+
+def test_an_empty_index_is_refused_without_tracebacks(base_run, tmp_path, monkeypatch):
+  """Empty OCDBT manifests (a disk that filled up, say) are found before Orbax reads the arrays: it
+  reads them all at once, and a failed read left the others to print "Event loop is closed" tracebacks."""
+  workdir = _copy(base_run, tmp_path)
+  for step in ("5", "10"):
+    open(workdir / "checkpoints" / step / "params" / "manifest.ocdbt", "wb").close()
+  before = _snapshot(workdir)
+  for _ in range(2):  # the tracebacks were a race: not every run printed them
+    out = _run(workdir, steps=20)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Event loop is closed" not in out.stderr, out.stderr[-3000:]
+    lines = _our_lines(out.stderr)
+    assert len(lines) == 3 and "no readable checkpoint among steps [5, 10]" in lines[-1], lines
+    assert all("unreadable" in line and "manifest.ocdbt" in line for line in lines[:2]), lines
+  assert _snapshot(workdir) == before
+  # Orbax is never asked to read the damaged checkpoints' arrays (their metadata included)
+  calls = []
+  for name in ("item_metadata", "restore"):
+    def spy(self, *args, _original=getattr(ocp.CheckpointManager, name), _name=name, **kwargs):
+      calls.append(_name)
+      return _original(self, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, name, spy)
+  config = _config()
+  with pytest.raises(resume.ResumeRefused, match=r"no readable checkpoint among steps \[5, 10\]"):
+    resume.resume(str(workdir), _setup(config, jax.devices()[:1]).abstract_state, None, json.loads(config.to_json()))
+  assert calls == []
 
 
 def test_skipped_or_incomplete_saves_are_errors(tmp_path):

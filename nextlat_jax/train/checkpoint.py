@@ -115,12 +115,29 @@ def verify_saved(mgr: ocp.CheckpointManager, step: int, items: tuple[str, ...] =
                     + ("is missing" if not path.is_dir() else f"lacks {', '.join(missing)}"))
 
 
+def check_readable(directory: Any, step: int, items: tuple[str, ...] = ("params", "opt_state")) -> None:
+  """Reads the OCDBT index (manifest and b-tree) of each array item of `step`, one item at a time;
+  raises one of READ_ERRORS (tensorstore's ValueError) if one is damaged.
+
+  Orbax reads every array of an item at once and, when one read fails, closes its event loop with the
+  others still in flight: they then print "RuntimeError: Event loop is closed" tracebacks. Checking the
+  index first turns the common damage (a truncated, empty or garbled index) into one clean error."""
+  import tensorstore as ts
+  for item in items:
+    path = epath.Path(directory) / str(step) / item
+    if not (path / "manifest.ocdbt").exists():  # not an OCDBT item: Orbax's restore reports it
+      continue
+    base = str(path) if "://" in str(path) else f"file://{os.path.abspath(path)}"
+    ts.KvStore.open({"driver": "ocdbt", "base": base + "/"}).result().list().result()
+
+
 def restore_step(mgr: ocp.CheckpointManager, step: int | None, abstract_state: TrainState,
                  data_iter: Any | None = None) -> TrainState:
   """The full train state of `step` (None: the newest) onto the shardings of `abstract_state`."""
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise CheckpointMissing(str(mgr.directory), f"no checkpoint in {mgr.directory}")
+  check_readable(mgr.directory, step)
   items = {"params": ocp.args.StandardRestore(abstract_state.params),
            "opt_state": ocp.args.StandardRestore(rest_of_state(abstract_state))}
   if data_iter is not None:
@@ -252,22 +269,29 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
 
   A missing or unreadable checkpoint raises CheckpointMissing (one line naming it)."""
   mgr = _read_only(directory, ("params",))
-  step = _pick_step(mgr, step)
   try:
-    out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-  except READ_ERRORS as e:
-    raise CheckpointMissing(directory, f"checkpoint {os.path.join(directory, str(step))} is unreadable "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass --step= of "
-                            "another saved step") from None
+    step = _pick_step(mgr, step)
+    try:
+      check_readable(directory, step, ("params",))
+      out = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+    except READ_ERRORS as e:
+      raise CheckpointMissing(directory, f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass --step= of "
+                              "another saved step") from None
+  finally:
+    mgr.close()
   return out["params"], step
 
 
 def saved_config(directory: str, step: int | None = None) -> dict:
   """The resolved config JSON stored with a checkpoint."""
   mgr = _read_only(directory, ("config",))
-  step = _pick_step(mgr, step)
   try:
-    return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  except READ_ERRORS as e:
-    raise CheckpointMissing(directory, f"the config of checkpoint {os.path.join(directory, str(step))} is "
-                            f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    step = _pick_step(mgr, step)
+    try:
+      return mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except READ_ERRORS as e:
+      raise CheckpointMissing(directory, f"the config of checkpoint {os.path.join(directory, str(step))} is "
+                              f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+  finally:
+    mgr.close()

@@ -69,6 +69,7 @@ def first_mismatch(saved: Any, expected: Any, what: str) -> str | None:
 
 def _metadata(mgr: ocp.CheckpointManager, step: int) -> tuple[Any, Any, dict]:
   """(params, rest-of-state, config) metadata of `step`; raises one of checkpoint.READ_ERRORS if damaged."""
+  checkpoint.check_readable(mgr.directory, step)  # first: Orbax reads every array's metadata at once
   md = mgr.item_metadata(step)
   params, rest = md["params"], md["opt_state"]
   if params is None or rest is None:  # Orbax found no _METADATA file: a damaged checkpoint
@@ -194,13 +195,16 @@ def initial_state(setup: Any, config: Any, workdir: str, data_iter: Any, rng: ja
   if source:
     src_dir, step = checkpoint.resolve_path(source)
     src = checkpoint.manager(src_dir, config.checkpoint, read_only=True)
-    step = src.latest_step() if step is None else step
-    if step is None:
-      raise checkpoint.CheckpointMissing(src_dir, f"checkpoint.restore_from={source}: no checkpoint in {src_dir}")
-    if check_compatible(src, step, setup.abstract_state, config_dict, workdir, warm_start=True):
-      state = checkpoint.restore_step(src, step, setup.abstract_state)
-      log.info("started from %s step %s (parameters and optimizer state)", src_dir, step)
-      return state
+    try:
+      step = src.latest_step() if step is None else step
+      if step is None:
+        raise checkpoint.CheckpointMissing(src_dir, f"checkpoint.restore_from={source}: no checkpoint in {src_dir}")
+      if check_compatible(src, step, setup.abstract_state, config_dict, workdir, warm_start=True):
+        state = checkpoint.restore_step(src, step, setup.abstract_state)
+        log.info("started from %s step %s (parameters and optimizer state)", src_dir, step)
+        return state
+    finally:
+      src.close()
     params, _ = checkpoint.restore_params(src_dir, setup.abstract_state.params, step)
     log.warning("started from the parameters of %s step %s; the optimizer state there does not fit this "
                 "config, so it starts fresh at step 0", src_dir, step)
