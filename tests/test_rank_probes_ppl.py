@@ -250,3 +250,72 @@ def test_nextlat_eval_writes_task_json_and_pngs(tmp_path):
   assert all(0 < v < 2 * math.log(74) for v in out["probe_ce"].values())
   assert all(v == 0.0 for v in out["probe_ce_difference"].values())
   assert (tmp_path / "eval" / "probe_ce.png").exists() and (tmp_path / "eval" / "probe_ce_difference.png").exists()
+
+
+# ---- nextlat eval: flag mistakes ----
+
+# case -> (flags after `nextlat eval --workdir=R`, what the one error line says); each is refused before the
+# run's parameters are restored or anything is evaluated, so R is left exactly as it was
+EVAL_FLAG_MISTAKES: dict[str, tuple[list[str], list[str]]] = {
+    "unknown_metric": (["--metrics=bogus"], ["--metrics='bogus'", "unknown metric bogus", "valid_trajectories"]),
+    "unknown_family": (["--metrics=rank,detour"], ["--metrics='rank,detour'", "unknown metric detour"]),
+    "unknown_task": (["--task=bogus"], ["--task='bogus'", "no metrics registered", "street_grid", "rank"]),
+    "task_of_other_data": (["--task=path_star", "--metrics=all"],
+                           ["--task='path_star'", "needs a run trained on path_star", "'street_grid'"]),
+    "num_samples": (["--num_samples=-1", "--metrics=all"], ["--num_samples=-1", "must be >= 1"]),
+    "eval_batch_size": (["--eval_batch_size=0", "--metrics=all"], ["--eval_batch_size=0", "must be >= 1"]),
+    "rank_batches": (["--rank_batches=0"], ["--rank_batches=0", "must be >= 1"]),
+    "max_hops": (["--max_hops=0", "--metrics=all"], ["--max_hops=0", "must be >= 1"]),
+    "probe_steps": (["--probe_steps=0", "--task=probes", "--metrics=all"], ["--probe_steps=0", "must be >= 1"]),
+    "eval_steps_zero": (["--eval_steps=0"], ["--eval_steps=0", "must be >= 1", "run's default"]),
+    "eval_steps_negative": (["--eval_steps=-3"], ["--eval_steps=-3", "must be >= 1"]),
+}
+
+
+def _files(root) -> dict[str, str]:
+  """relative path -> sha256 of every file under root."""
+  import hashlib
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def eval_flag_mistakes(tmp_path_factory):
+  """Each case's finished `nextlat eval` on its own copy of one saved quickstart run (GPT, checkpoint 1, no
+  train step), with the copy's files before; the processes run at the same time."""
+  import shutil
+
+  from tests.test_load_run import _run
+  saved = tmp_path_factory.mktemp("eval_flags_run")
+  _run(saved, "gpt", steps=1)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=CPU_FAST_COMPILE)
+  procs = {}
+  for name, (args, _) in EVAL_FLAG_MISTAKES.items():
+    workdir = tmp_path_factory.mktemp("eval_flags") / name
+    shutil.copytree(saved, workdir)
+    cmd = [sys.executable, "-m", "nextlat_jax.cli", "eval", f"--workdir={workdir}", *args]
+    procs[name] = (workdir, _files(workdir), subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
+                                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+  out = {}
+  for name, (workdir, before, proc) in procs.items():
+    try:
+      stdout, stderr = proc.communicate(timeout=120)  # a refused flag exits in seconds
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      stdout, stderr = proc.communicate()
+      stderr += "\n(killed after 120 s: the flag was not refused up front)"
+    out[name] = (proc.returncode, stdout, stderr, before, _files(workdir))
+  return out
+
+
+@pytest.mark.parametrize("name", list(EVAL_FLAG_MISTAKES))
+def test_eval_flag_mistake_is_one_line_before_loading_and_writes_nothing(eval_flag_mistakes, name: str):
+  rc, stdout, stderr, before, after = eval_flag_mistakes[name]
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert rc == 2, stderr[-3000:]
+  assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]  # no log lines: nothing was loaded
+  for part in EVAL_FLAG_MISTAKES[name][1]:
+    assert part in lines[0], (part, lines[0])
+  assert stdout == ""  # no held-out result
+  assert any(k.startswith("checkpoints/1/") for k in before), sorted(before)
+  assert after == before  # nothing written, nothing changed (no eval_1.json, no eval/)

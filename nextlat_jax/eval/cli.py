@@ -13,6 +13,8 @@ import sys
 
 from absl import app, flags
 
+from nextlat_jax.errors import ConfigError, need
+
 flags.DEFINE_integer("eval_steps", None, "Held-out batches (default: the run's eval_steps).")
 flags.DEFINE_string("metrics", "default", "Metrics after the held-out loss / perplexity: 'default': effective "
                     "rank only (seconds); 'all': rank and every metric family of the task; 'none'; or NAME,... of "
@@ -37,6 +39,15 @@ flags.DEFINE_string("probe_reference", None, "--task=probes: the GPT run (workdi
 flags.DEFINE_integer("probe_steps", 20000, "--task=probes: training steps per probe set.")
 FLAGS = flags.FLAGS
 
+# integer flag -> its least value (None, where a flag allows it, keeps its default)
+INT_FLAG_MINIMUMS = {"eval_steps": 1, "num_samples": 1, "eval_batch_size": 1, "rank_batches": 1, "max_hops": 1,
+                     "probe_steps": 1}
+WALK_DATA = ("street_grid", "manhattan")
+# --task -> the data.name values of the runs it can evaluate (its metrics read that data's own config);
+# the other tasks (perplexity, probes, ...) fit any run
+DATA_TASKS = {"street_grid": WALK_DATA, "manhattan": WALK_DATA, "path_star": ("path_star",),
+              "countdown": ("countdown",), "a5": ("a5",), "hmm": ("hmm",)}
+
 
 def options_from_flags() -> dict:
   """Task options from the flags above (for TaskRun.options)."""
@@ -45,13 +56,45 @@ def options_from_flags() -> dict:
           "world_model": {"max_hops": FLAGS.max_hops}}
 
 
+def check_flags() -> None:
+  """ConfigError for the first bad integer flag or unknown --task: nothing of the run is read."""
+  from nextlat_jax.eval import TASK_METRICS
+  for name, least in INT_FLAG_MINIMUMS.items():
+    value = FLAGS[name].value
+    default = "; leave it out for the run's default" if FLAGS[name].default is None else ""
+    need(value is None or value >= least, f"--{name}", value, f"must be >= {least}{default}")
+  task = FLAGS.task
+  need(task is None or task == "rank" or task in TASK_METRICS, "--task", task,
+       f"no metrics registered; known tasks: {', '.join(sorted({'rank', *TASK_METRICS}))}")
+
+
+def check_run_flags(workdir: str, step: int | None) -> None:
+  """ConfigError unless --task fits the run's data and --metrics names metrics of the chosen task; reads
+  only the run's saved config (no parameters)."""
+  from nextlat_jax.eval import run as eval_run
+  from nextlat_jax.run import run_config
+  config = run_config(workdir, step)
+  data_name = str(config.data.name)
+  task = FLAGS.task
+  if task in DATA_TASKS:
+    need(data_name in DATA_TASKS[task], "--task", task, f"needs a run trained on {' or '.join(DATA_TASKS[task])} "
+         f"data; this run's data.name is {data_name!r}")
+  chosen = task or config.get("eval_task") or data_name  # as eval_run.task_metrics chooses
+  try:
+    eval_run.choose_metrics(FLAGS.metrics, chosen)
+  except ValueError as e:
+    raise ConfigError("--metrics", FLAGS.metrics, str(e).removeprefix(f"--metrics={FLAGS.metrics}: ")) from None
+
+
 def command(argv: list[str]) -> None:
   """`nextlat eval`: held-out loss (DIR/eval_<step>.json), then the chosen task metrics (DIR/eval/)."""
   del argv
-  from nextlat_jax.run import load_run
-  from nextlat_jax.train import evaluate as evaluate_lib
   if FLAGS.workdir is None:
     raise app.UsageError("eval needs --workdir")
+  check_flags()  # user mistakes first: before the run is read, compiled or evaluated, nothing written
+  check_run_flags(FLAGS.workdir, FLAGS.step)
+  from nextlat_jax.run import load_run
+  from nextlat_jax.train import evaluate as evaluate_lib
   run = load_run(FLAGS.workdir, FLAGS.step)
   result = evaluate_lib.evaluate_loaded(run, FLAGS.eval_steps)
   print(json.dumps(result), flush=True)
