@@ -313,7 +313,7 @@ def _checkpoint(tmp_path, **objective):
   return config
 
 
-def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
+def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys, monkeypatch):
   from absl import flags
 
   import nextlat_jax.cli  # noqa: F401  (defines --workdir and --step)
@@ -362,6 +362,20 @@ def test_restored_checkpoint_on_meshes_and_cli(tmp_path, capsys):
   assert lines[3]["tokens_per_round"] == pytest.approx(lines[3]["tokens"] / lines[3]["rounds"])
   # this process compiled the same program for `sp` above, so lower+compile may be a cache hit (0.0 s)
   assert lines[3]["tokens_per_sec"] > 0 and lines[3]["compile_s"] >= 0
+  # bad prompts are refused from the saved config, before the parameters are read
+  from absl import app
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("generate loaded the run before checking its prompts")
+  monkeypatch.setattr(cli, "load_run", refuse)
+  for bad, why in (("--prompt=3 hello", "unknown word 'hello'"), ("--prompt_ids=1,99999", "token 99999 is outside")):
+    argv = ["nextlat generate", f"--workdir={tmp_path}", bad]
+    flags.FLAGS(argv)
+    try:
+      with pytest.raises(app.UsageError, match=why):
+        cli.generate(argv)
+    finally:
+      flags.FLAGS.unparse_flags()
 
 
 def test_generate_text_prompt_on_a_bpe_run(capsys):

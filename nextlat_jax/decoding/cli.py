@@ -17,13 +17,14 @@ import time
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 
 from nextlat_jax.config import ConfigError
 from nextlat_jax.decoding import draft_policies, head_drafters, speculative
 from nextlat_jax.decoding import generate as gen
-from nextlat_jax.run import Run, load_run
+from nextlat_jax.run import Run, load_run, run_config, run_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A text prompt in the run's tokenizer (repeat the flag for a batch).")
@@ -50,11 +51,16 @@ flags.DEFINE_enum("mode", "A", list(speculative.MODES), "A: draft 1 from the tru
 UNDECODABLE = {"bst": "BST predicts through its text head on (prefix, suffix) pairs"}
 
 
+def check_decodable(name: str) -> None:
+  """ValueError for an objective whose runs cannot decode."""
+  if name in UNDECODABLE:
+    raise ValueError(f"objective.name={name!r}: decoding is not supported ({UNDECODABLE[name]})")
+
+
 def head(run: Run) -> gen.Head | None:
   """The run's output path for decoding; None: the trunk's head (GPT, NextLat, DeepSeek MTP)."""
   name = run.config.objective.name
-  if name in UNDECODABLE:
-    raise ValueError(f"objective.name={name!r}: decoding is not supported ({UNDECODABLE[name]})")
+  check_decodable(name)
   if name == "jtp":
     return head_drafters.jtp_head(run.modules["fetch"], run.cfg)
   if name == "mtp":
@@ -74,12 +80,13 @@ def drafter(run: Run) -> speculative.Drafter | None:
   return None
 
 
-def text_tokenizer(run: Run) -> Any:
+def text_tokenizer(config: ml_collections.ConfigDict) -> Any:
   """The run's tokenizer (encode(str) -> ids, decode(ids) -> text or words), or a clear ValueError."""
-  if run.tokenizer is None:
-    raise ValueError(f"data.name={run.config.data.name!r}: the run has no text tokenizer (token-id data, or a "
+  tok = run_tokenizer(config)
+  if tok is None:
+    raise ValueError(f"data.name={config.data.name!r}: the run has no text tokenizer (token-id data, or a "
                      "source whose tokenizer cannot be opened here); use --prompt_ids")
-  return run.tokenizer
+  return tok
 
 
 def decode_text(tok: Any, ids: list[int]) -> str:
@@ -88,9 +95,10 @@ def decode_text(tok: Any, ids: list[int]) -> str:
   return text if isinstance(text, str) else " ".join(text)
 
 
-def read_prompts(run: Run) -> tuple[list[list[int]], Any]:
-  """Prompts from the flags as token-id lists, and the tokenizer (None for --prompt_ids)."""
-  vocab = run.cfg.vocab_size
+def read_prompts(config: ml_collections.ConfigDict) -> tuple[list[list[int]], Any]:
+  """Prompts from the flags as token-id lists, and the tokenizer (None for --prompt_ids); `config`: the
+  run's saved config (run_config), so prompts are checked before its parameters are read."""
+  vocab = int(config.model.vocab_size)
   if FLAGS.prompt_ids is not None:
     if FLAGS.prompt or FLAGS.prompts_file:
       raise ValueError("--prompt_ids: give either token ids or text prompts (--prompt / --prompts_file), not both")
@@ -110,7 +118,7 @@ def read_prompts(run: Run) -> tuple[list[list[int]], Any]:
       texts += [line.strip() for line in f if line.strip()]
   if not texts:
     raise ValueError("no prompt: give --prompt, --prompts_file or --prompt_ids")
-  tok = text_tokenizer(run)
+  tok = text_tokenizer(config)
   ids = []
   for text in texts:
     try:
@@ -195,9 +203,10 @@ def generate(argv: list[str]) -> None:
     policy = policy_from_flags() if FLAGS.speculative else None
     if FLAGS.max_new_tokens < 1:
       raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}: must be >= 1")
+    config = run_config(FLAGS.workdir, FLAGS.step)  # the saved config: prompts checked before loading
+    check_decodable(config.objective.name)
+    prompts, tok = read_prompts(config)
     run = load_run(FLAGS.workdir, FLAGS.step)
-    head(run)  # refuses undecodable objectives before reading prompts
-    prompts, tok = read_prompts(run)
     out, times = timed_decode(run, prompts, jax.random.PRNGKey(FLAGS.seed), sampling, FLAGS.max_new_tokens,
                               speculative_mode=FLAGS.mode if FLAGS.speculative else None, policy=policy,
                               gamma_max=FLAGS.gamma_max, stop_at_eos=FLAGS.stop_at_eos, use_cache=FLAGS.kv_cache)
