@@ -138,7 +138,7 @@ def _run(fn):
       print(str(e), file=sys.stderr)
       sys.exit(2)
     except app.UsageError as e:  # a missing or bad flag: one line, not absl's page of flag help
-      fail(f"{argv[0]}: {e} (`{argv[0]} --help` lists its flags)")
+      fail(f"{argv[0]}: {e}" + ("" if "--help" in str(e) else f" (`{argv[0]} --help` lists its flags)"))
     except (TrainingStopped, SaveError) as e:
       print(f"training stopped: {e}", file=sys.stderr)
       sys.exit(1)
