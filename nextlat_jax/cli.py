@@ -151,14 +151,9 @@ def _run(fn):
   return wrapped
 
 
-def _config_arg(args: list[str], prefix: str = "--config") -> str | None:
-  """The value of the first `--config=VALUE` / `--config VALUE` in args."""
-  for i, a in enumerate(args):
-    if a.startswith(prefix + "="):
-      return a.split("=", 1)[1]
-    if a == prefix and i + 1 < len(args):
-      return args[i + 1]
-  return None
+def _config_arg(args: list[str]) -> str | None:
+  """The --config value in raw args (the one absl loads)."""
+  return cli_flags.flag_value(args, "config")
 
 
 def _check_config_file(name: str, args: list[str]) -> None:

@@ -39,3 +39,16 @@ def keep_only(names: Iterable[str], flag_values: flags.FlagValues = flags.FLAGS)
   for name in SHARED:
     if name not in names and name in flag_values:
       delattr(flag_values, name)
+
+
+def flag_value(args: list[str], name: str) -> str | None:
+  """The value of `--NAME=VALUE` / `--NAME VALUE` in raw args, before absl parses them; the last one, as
+  absl keeps the last of a repeated flag."""
+  value = None
+  for i, a in enumerate(args):
+    if a.startswith(f"--{name}="):
+      value = a.split("=", 1)[1]
+    elif a == f"--{name}" and i + 1 < len(args):
+      value = args[i + 1]
+  return value
+

@@ -9,6 +9,7 @@ import os
 
 from absl import flags
 
+from nextlat_jax import cli_flags
 from nextlat_jax.errors import ConfigError, fail
 
 flags.DEFINE_string("mesh", None, "Mesh sizes data,fsdp,tensor (e.g. 1,8,1); the command "
@@ -29,21 +30,10 @@ def parse_mesh(value: str) -> tuple[int, int, int]:
   return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-def _mesh_arg(argv: list[str]) -> str | None:
-  """The value of the last --mesh=VALUE / --mesh VALUE in argv (absl keeps the last one too)."""
-  value = None
-  for i, a in enumerate(argv):
-    if a.startswith("--mesh="):
-      value = a.split("=", 1)[1]
-    elif a == "--mesh" and i + 1 < len(argv):
-      value = argv[i + 1]
-  return value
-
-
 def simulate_devices(argv: list[str]) -> None:
   """Sets the fake CPU device count from --mesh before JAX starts (called by the CLI); a bad --mesh is
   one line and exit status 2, before anything starts."""
-  value = _mesh_arg(argv)
+  value = cli_flags.flag_value(argv, "mesh")
   if value is None:
     return
   try:
@@ -60,6 +50,7 @@ def _fill_from_data(config) -> int | None:
   preflight.resolve does; returns the data's vocabulary size when it was read, else None (both given:
   the data need not exist here). A dataset that cannot be read is a one-line ConfigError."""
   from nextlat_jax.data import pipeline
+  from nextlat_jax.train import preflight
   missing = [k for k, is_open in (("model.vocab_size", not config.model.vocab_size),
                                   ("data.eos_id", config.data.get("eos_id") is None)) if is_open]
   if not missing:
@@ -71,10 +62,7 @@ def _fill_from_data(config) -> int | None:
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError("data", config.data.get("name"), f"{e} (compile-check reads {' and '.join(missing)} "
                       "from the data; a config that sets both needs no data)") from None
-  with config.unlocked():
-    if not config.model.vocab_size:
-      config.model.vocab_size = info.vocab_size
-    config.data.eos_id = info.eos_id
+  preflight.fill_from_data(config, info)
   return info.vocab_size
 
 

@@ -77,13 +77,12 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDic
   row_len = int(data.get("seq_len", 1024)) + 1
   if not config.model.vocab_size or "eos_id" not in data:
     from nextlat_jax.data import pipeline
+    from nextlat_jax.train import preflight
     try:
       ds = pipeline.dataset_info(config.data)
     except (ValueError, FileNotFoundError, AttributeError) as e:
       raise config_lib.ConfigError("data", data.get("name"), str(e)) from None
-    with config.unlocked():
-      config.model.vocab_size = config.model.vocab_size or ds.vocab_size
-      config.data.eos_id = ds.eos_id
+    preflight.fill_from_data(config, ds)
     row_len = ds.row_len
   with config.unlocked():
     config.mesh.update(data=1, fsdp=1, tensor=1)  # counts do not depend on the mesh

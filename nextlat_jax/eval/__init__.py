@@ -11,6 +11,8 @@ The `nextlat eval` command and its flags are in nextlat_jax.eval.cli; this packa
 flags and imports nothing.
 """
 
+WALK_TASKS = ("street_grid", "manhattan")  # random walks on a street graph: one world model, either data
+
 TASK_METRICS: dict[str, str] = {
     "street_grid": "nextlat_jax.eval.metrics.world_model:evaluate",
     "manhattan": "nextlat_jax.eval.metrics.world_model:evaluate",

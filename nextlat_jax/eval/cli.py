@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 
 from nextlat_jax.errors import ConfigError, need
+from nextlat_jax.eval import WALK_TASKS
 
 flags.DEFINE_integer("eval_steps", None, "Held-out batches (default: the run's eval_steps).")
 flags.DEFINE_string("metrics", "default", "Metrics after the held-out loss / perplexity: 'default': effective "
@@ -42,10 +43,9 @@ FLAGS = flags.FLAGS
 # integer flag -> its least value (None, where a flag allows it, keeps its default)
 INT_FLAG_MINIMUMS = {"eval_steps": 1, "num_samples": 1, "eval_batch_size": 1, "rank_batches": 1, "max_hops": 1,
                      "probe_steps": 1}
-WALK_DATA = ("street_grid", "manhattan")
 # --task -> the data.name values of the runs it can evaluate (its metrics read that data's own config);
 # the other tasks (perplexity, probes, ...) fit any run
-DATA_TASKS = {"street_grid": WALK_DATA, "manhattan": WALK_DATA, "path_star": ("path_star",),
+DATA_TASKS = {"street_grid": WALK_TASKS, "manhattan": WALK_TASKS, "path_star": ("path_star",),
               "countdown": ("countdown",), "a5": ("a5",), "hmm": ("hmm",)}
 
 
@@ -79,7 +79,7 @@ def check_run_flags(workdir: str, step: int | None) -> None:
   if task in DATA_TASKS:
     need(data_name in DATA_TASKS[task], "--task", task, f"needs a run trained on {' or '.join(DATA_TASKS[task])} "
          f"data; this run's data.name is {data_name!r}")
-  chosen = task or config.get("eval_task") or data_name  # as eval_run.task_metrics chooses
+  chosen = eval_run.chosen_task(config, task)
   try:
     eval_run.choose_metrics(FLAGS.metrics, chosen)
   except ValueError as e:

@@ -26,7 +26,7 @@ import numpy as np
 
 from nextlat_jax.data.packing import segment_ids_and_positions
 from nextlat_jax.decoding import kv_cache
-from nextlat_jax.eval import TASK_METRICS
+from nextlat_jax.eval import TASK_METRICS, WALK_TASKS
 from nextlat_jax.eval import plots
 from nextlat_jax.eval.metrics import rank as rank_lib
 from nextlat_jax.models.transformer import DTYPES, ModelConfig, Transformer, unembed
@@ -34,7 +34,6 @@ from nextlat_jax.run import Run, load_run
 
 log = logging.getLogger(__name__)
 NEXT_TOKEN_OBJECTIVES = ("gpt", "nextlat")  # next-token logits = head(trunk h), as kv_cache computes
-WALK_TASKS = ("street_grid", "manhattan")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "eos_id"))
@@ -321,6 +320,11 @@ def evaluate_task(workdir: str, step: int | None = None, task: str | None = None
                       rank_batches=rank_batches, show_progress=show_progress, options=options, metrics=metrics)
 
 
+def chosen_task(config: ml_collections.ConfigDict, task: str | None = None) -> str:
+  """The task whose metrics eval runs: `task`, else the run's eval_task (e.g. TinyStories), else data.name."""
+  return task or config.get("eval_task") or str(config.data.name)
+
+
 def task_metrics(loaded: Run, task: str | None = None, num_samples: int | None = None, *, batch_size: int = 256,
                  rank_batches: int = 4, show_progress: bool = True, options: dict | None = None,
                  metrics: str = "all") -> dict:
@@ -329,7 +333,7 @@ def task_metrics(loaded: Run, task: str | None = None, num_samples: int | None =
   DIR/eval/<task>.json, DIR/eval/rank.json and PNGs. Returns {task: metrics}."""
   if num_samples is not None and num_samples < 1:
     raise ValueError(f"--num_samples={num_samples}: must be >= 1")
-  chosen = task or loaded.config.get("eval_task") or str(loaded.config.data.name)  # eval_task: e.g. TinyStories
+  chosen = chosen_task(loaded.config, task)
   if task is not None and task != "rank":
     metric_function(task)  # an unknown --task: one error naming the known ones
   families, with_rank = choose_metrics(metrics, chosen)

@@ -29,14 +29,19 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int | None = None
     info = pipeline.dataset_info(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError("data", config.data.get("name"), str(e)) from None
-  with config.unlocked():
-    if not config.model.vocab_size:
-      config.model.vocab_size = info.vocab_size
-    config.data.eos_id = info.eos_id
+  fill_from_data(config, info)
   config_lib.validate(config, jax.device_count() if num_devices is None else num_devices,
                       data_vocab=info.vocab_size)
   config.lock()
   return config, info
+
+
+def fill_from_data(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) -> None:
+  """What a config takes from its data: model.vocab_size when 0, and data.eos_id."""
+  with config.unlocked():
+    if not config.model.vocab_size:
+      config.model.vocab_size = info.vocab_size
+    config.data.eos_id = info.eos_id
 
 
 def check_restore_from(config: ml_collections.ConfigDict) -> None:
